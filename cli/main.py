@@ -1,0 +1,67 @@
+"""``twostream``: one subcommand per stage.
+
+Subcommand modules are imported only when their command runs, so ``twostream --help`` is instant and a
+command never pays for another's heavy imports (torch, h5py, cv2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# command name -> (module under cli/, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo-data": ("cli.extract", "demo_data", "Write the demo dataset (UCF101 layout) to DIR."),
+    "extract": ("cli.extract", "extract", "Stage one: videos -> HDF5 feature store (resumable)."),
+    "info": ("cli.extract", "info", "What a feature store holds."),
+    "train": ("cli.train", "train", "Stage two: train a head on cached features."),
+    "heads": ("cli.train", "heads", "List registered heads and their config keys."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="twostream")
+def cli():
+    """twostream: two-stream video classification, from videos to cached features to temporal heads."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors end in one line on stderr and exit code 2, never a traceback."""
+    from pipeline.errors import UserError
+
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""``twostream demo-data``, ``twostream extract`` and ``twostream info``: parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("demo-data")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+def demo_data(out_dir, seed):
+    """Write the demo dataset (UCF101 layout, real AVI files) to OUT_DIR."""
+    from pipeline.demo_data import write_demo_dataset
+
+    root = write_demo_dataset(out_dir, seed=seed)
+    from pipeline.datasets import load_manifest
+
+    m = load_manifest(root)
+    click.echo(f"wrote {len(m.videos)} videos of {len(m.classes)} classes to {root}")
+
+
+def _sampling(frames, fps, all_frames, max_frames):
+    from pipeline.sampling import Sampling
+
+    if all_frames and fps:
+        raise click.UsageError("--all-frames and --fps exclude each other")
+    try:
+        if all_frames:
+            return Sampling(mode="all", frames=None)
+        if fps:
+            return Sampling(mode="fps", fps=fps, frames=frames, max_frames=max_frames)
+        return Sampling(mode="frames", frames=frames or 25)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _flow_params(items):
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--flow-param expects key=value, got {item!r}")
+        try:
+            out.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            out.append((key, value))
+    return tuple(sorted(out))
+
+
+@click.command("extract")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
+@click.option("--streams", default="rgb", show_default=True, help="Comma list of rgb, flow.")
+@click.option("--split-dir", type=click.Path(exists=True, file_okay=False), help="Folder of split files.")
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False), help="CSV manifest path,label[,split].")
+@click.option("--frames", type=int, default=None, help="Equally spaced samples per video [25] (Ma et al.).")
+@click.option("--fps", type=float, default=None, help="Sample at this rate instead (Ng et al.: 1).")
+@click.option("--max-frames", type=int, default=120, show_default=True, help="Cap for --fps sampling.")
+@click.option("--all-frames", is_flag=True, help="Every decoded frame.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0 (embedded weights), resnet50, resnet101, timm:NAME.")
+@click.option("--weights", default=None, help="Weights file for the backbone ('random' for tests).")
+@click.option("--flow-weights", "--flow-checkpoint", "flow_weights", default=None,
+              help="Weights of the temporal-stream CNN (default: cross-modality init from --weights).")
+@click.option("--rgb-checkpoint", default=None, help="Alias of --weights for a fine-tuned spatial stream.")
+@click.option("--flow", "flow_method", default="tvl1", show_default=True,
+              help="tvl1 | brox | tvl1-opencv | dis | farneback.")
+@click.option("--flow-param", multiple=True, help="Flow parameter override key=value (repeatable).")
+@click.option("--flow-bound", type=float, default=20.0, show_default=True, help="Clip flow at +-bound (Ng: 40).")
+@click.option("--flow-stack", type=int, default=10, show_default=True, help="L flow fields per stack (2L channels).")
+@click.option("--tta", type=click.Choice(["center", "flip", "10crop"]), default="center", show_default=True)
+@click.option("--spatial-grid", type=int, default=None, help="Also store the last conv map pooled to GxG.")
+@click.option("--foveated", is_flag=True, help="Context + fovea streams (Karpathy et al. 3.2).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "decord", "pyav", "torchcodec"]), default="auto",
+              show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="CNN batch (views).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Decode/flow processes (0: in-process).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per video before it is failed.")
+@click.option("--limit", type=int, default=None, help="Extract at most this many videos (this run).")
+@click.option("--retry-failed", is_flag=True, help="Try only the videos in the errors file again.")
+@click.option("--commit-every", type=int, default=8, show_default=True, help="Videos per committed part.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames, all_frames, backbone, weights,
+            flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, spatial_grid,
+            foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
+            quiet):
+    """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable)."""
+    from stages.extract import ExtractConfig, RunOptions, extract as run_extract
+
+    if rgb_checkpoint and weights:
+        raise click.UsageError("give --weights or --rgb-checkpoint, not both")
+    cfg = ExtractConfig(
+        streams=tuple(s.strip() for s in streams.split(",") if s.strip()),
+        sampling=_sampling(frames, fps, all_frames, max_frames), backbone=backbone,
+        weights=rgb_checkpoint or weights, flow_weights=flow_weights, tta=tta, precision=precision,
+        spatial_grid=spatial_grid, foveated=foveated, flow_method=flow_method, flow_params=_flow_params(flow_param),
+        flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder)
+    opts = RunOptions(device=device, batch_size=batch_size, workers=workers, timeout=timeout, limit=limit,
+                      retry_failed=retry_failed, commit_every=commit_every, progress=not quiet)
+    s = run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path)
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
+    click.echo(f"done {s.done}, skipped {s.skipped} (already in store), failed {s.failed} of {s.total} "
+               f"in {s.wall:.1f}s ({parts}); store: {s.store}")
+    for f in s.failures[:10]:
+        click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
+    if len(s.failures) > 10:
+        click.echo(f"  ... and {len(s.failures) - 10} more in {s.store}/errors.jsonl", err=True)
+
+
+@click.command("info")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def info(store, as_json):
+    """What a feature store holds: videos committed, streams and dims, config, errors."""
+    from pipeline.store import FeatureStore
+
+    with FeatureStore.open(store) as fs:
+        d = fs.info()
+        errors = fs.errors()
+    if as_json:
+        d["error_list"] = errors
+        click.echo(json.dumps(d, indent=2, sort_keys=True, default=str))
+        return
+    click.echo(f"store      {d['path']}  (schema {d['schema']}, twostream {d['package_version']}, {d['created']})")
+    click.echo(f"videos     {d['videos']} committed in {d['parts']} parts, {d['frames']} frames")
+    click.echo("streams    " + ", ".join(f"{k} [T, {v}]" for k, v in d["streams"].items()))
+    click.echo(f"classes    {len(d['classes'])}")
+    cfg = d["config"]
+    click.echo(f"sampling   {json.dumps(cfg.get('sampling'))}")
+    for name, spec in cfg.get("backbones", {}).items():
+        click.echo(f"backbone   {name}: {spec.get('name')} weights={spec.get('weights')} "
+                   f"input={spec.get('input_size')} precision={spec.get('precision')}")
+    if "flow" in cfg:
+        f = cfg["flow"]
+        click.echo(f"flow       {f['method']} bound={f['bound']} stack={f['stack']}")
+    click.echo(f"errors     {d['errors']}")
+    for e in errors[:10]:
+        click.echo(f"  {e.get('id')}: {e.get('stage')} {e.get('error')}: {e.get('message')}")

@@ -1,0 +1,293 @@
+"""Stage one: videos -> per-frame CNN features in a feature store (DESIGN.md, "The two phases").
+
+Follow one video id: ``load_manifest`` gives its path; a worker process decodes it (``prepare_video``:
+decode, sample, flow stacks when asked), so a crashing or hanging decoder costs one video; the main process
+preprocesses the frames for each stream's CNN, runs it, and hands the float16 features to the store writer,
+which commits a part every few videos. Resumable: committed ids are skipped; failures go to errors.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.sampling import Sampling, sample_indices
+
+STREAMS = ("rgb", "flow")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines the features (recorded in the store; a store holds one config)."""
+
+    streams: tuple[str, ...] = ("rgb",)
+    sampling: Sampling = field(default_factory=Sampling)
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None            # None: the embedded ImageNet weights of the default backbone
+    flow_weights: str | None = None       # temporal-stream CNN weights (None: cross-modality init of `weights`)
+    tta: str = "center"                   # center | flip | 10crop (features averaged over the views)
+    precision: str = "auto"               # fp32 | bf16 | auto (bf16 on CUDA)
+    spatial_grid: int | None = None       # also store the last conv map pooled to g x g (conv pooling, Ng et al.)
+    foveated: bool = False                # Karpathy et al. 3.2 context + fovea streams
+    flow_method: str = "tvl1"
+    flow_params: tuple[tuple[str, Any], ...] = ()
+    flow_bound: float = 20.0              # clip at +-bound before quantising to uint8 (Ma et al.: 20)
+    flow_stack: int = 10                  # L consecutive flow fields per temporal-stream input (2L channels)
+    decoder: str = "auto"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (never changes the features, so not recorded in the store's config hash)."""
+
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = 1
+    timeout: float = 600.0
+    limit: int | None = None
+    retry_failed: bool = False
+    commit_every: int = 8
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    total: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "flow": 0.0, "preprocess": 0.0,
+                                                                "cnn": 0.0, "write": 0.0})
+    frames: int = 0
+    wall: float = 0.0
+    store: str = ""
+    failures: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N]; got {device!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def _worker_init() -> None:
+    # Workers run in parallel with each other and the CNN: one thread each keeps the cores busy without thrash.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def prepare_video(task: dict) -> dict:
+    """Runs in a worker: decode one video, sample frames, compute flow stacks. Returns uint8 arrays + meta."""
+    from pipeline.store import file_sha256
+    from pipeline.video import decode, decode_for_sampling
+
+    t0 = time.perf_counter()
+    path, sampling = task["path"], task["sampling"]
+    dec = decode_for_sampling(path, task["decoder"], task["device"])
+    idx = sample_indices(dec.n_frames, dec.fps, sampling)
+    frames = dec.frames
+    if len(frames) == 0:  # a long video: second pass for the needed frames only
+        need = np.unique(idx)
+        if task["flow"]:
+            need = np.unique(np.concatenate([need, *[np.arange(i, i + task["flow"]["stack"] + 1) for i in need]]))
+            need = need[need < dec.n_frames]
+        sub = decode(path, task["decoder"], need, task["device"]).frames
+        frames = np.zeros((dec.n_frames, *sub.shape[1:]), np.uint8)
+        frames[need] = sub
+    out: dict[str, Any] = {"rgb": frames[idx] if "rgb" in task["streams"] else None}
+    t1 = time.perf_counter()
+    if task["flow"]:
+        out["flow"] = flow_stacks_for(frames, idx, task["flow"])
+    t2 = time.perf_counter()
+    out["meta"] = {"frame_indices": idx, "fps": dec.fps, "n_frames": dec.n_frames,
+                   "duration": dec.n_frames / dec.fps, "size": os.path.getsize(path), "sha256": file_sha256(path),
+                   "decoder": dec.backend, "height": int(frames.shape[1]), "width": int(frames.shape[2])}
+    out["seconds"] = {"decode": t1 - t0, "flow": t2 - t1}
+    return out
+
+
+def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
+    """uint8 stacks ``[T, H, W, 2L]`` of the L flow fields starting at each sampled position; each needed
+    consecutive pair is computed once even when stacks overlap (issue 3 part 3)."""
+    from pipeline.flow import compute_flow
+    from pipeline.flow.images import flow_to_uint8
+    from pipeline.flow.stacks import assemble_stacks, pairs_needed
+
+    gray = frames.mean(-1).round().astype(np.uint8) if frames.shape[-1] == 3 else frames[..., 0]
+    pairs = pairs_needed(len(frames), idx, flow["stack"])
+    if len(pairs):
+        a = np.array([p for p, _ in pairs])
+        fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
+        images = flow_to_uint8(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
+    else:
+        images = np.zeros((0, 2, *gray.shape[1:]), np.uint8)
+    return assemble_stacks(images, pairs, len(frames), idx, flow["stack"])  # [T,2L,H,W]
+
+
+# ------------------------------------------------------------------------------------------------ main side
+
+@dataclass
+class _Stream:
+    name: str
+    backbone: Any
+    tta: str
+    grid: int | None
+
+
+def _build_streams(cfg: ExtractConfig, device: str) -> list[_Stream]:
+    from pipeline.backbones import build_backbone
+
+    streams = []
+    for s in cfg.streams:
+        in_chans = 3 if s == "rgb" else 2 * cfg.flow_stack
+        weights = cfg.weights if s == "rgb" else (cfg.flow_weights or cfg.weights)
+        bb = build_backbone(cfg.backbone, weights, in_chans=in_chans, device=device, foveated=cfg.foveated,
+                            precision=cfg.precision)
+        streams.append(_Stream(s, bb, cfg.tta, cfg.spatial_grid))
+    return streams
+
+
+def store_config(cfg: ExtractConfig, streams: list[_Stream], decoder: str) -> dict:
+    """The config recorded in the store: every input that changes the features, resolved."""
+    out: dict[str, Any] = {
+        "streams": list(cfg.streams),
+        "sampling": asdict(cfg.sampling),
+        "tta": cfg.tta,
+        "spatial_grid": cfg.spatial_grid,
+        "decoder": decoder,
+        "backbones": {s.name: s.backbone.spec for s in streams},
+    }
+    if "flow" in cfg.streams:
+        from pipeline import flow as flowlib
+
+        out["flow"] = {"method": cfg.flow_method,
+                       "params": {**flowlib.default_params(cfg.flow_method), **dict(cfg.flow_params)},
+                       "bound": cfg.flow_bound, "stack": cfg.flow_stack, "encoding": "uint8, 128 = zero motion"}
+    return out
+
+
+def _embed(stream: _Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    from pipeline.preprocess import preprocess, view_flips
+
+    t0 = time.perf_counter()
+    if stream.name == "flow":
+        arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
+    views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
+    t1 = time.perf_counter()
+    seconds["preprocess"] += t1 - t0
+    feats, grid = stream.backbone.extract(views, batch_size=batch_size, grid=stream.grid,
+                                          flips=view_flips(stream.tta))
+    out = {stream.name: feats.numpy().astype(np.float16)}
+    if grid is not None:
+        out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
+    seconds["cnn"] += time.perf_counter() - t1
+    return out
+
+
+def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunOptions,
+            split_dir: str | Path | None = None, csv: str | Path | None = None, log=print) -> Summary:
+    """Extract features of every video of ``dataset`` into the store ``out``. Resumable and idempotent."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.datasets import load_manifest
+    from pipeline.store import FeatureStore, read_errors
+    from pipeline.video import choose_backend
+    from stages.isolation import isolated_map
+
+    bad = [s for s in cfg.streams if s not in STREAMS]
+    if bad or not cfg.streams:
+        raise UserError(f"unknown stream(s) {', '.join(bad) or '(none)'}; choose from {', '.join(STREAMS)}")
+    if opts.batch_size < 1 or opts.workers < 0:
+        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    t_start = time.perf_counter()
+    manifest = load_manifest(dataset, split_dir=split_dir, csv=csv)
+    device = resolve_device(opts.device)
+    decoder = choose_backend(cfg.decoder, device)
+    torch.manual_seed(0)
+    streams = _build_streams(cfg, device)
+    config = store_config(cfg, streams, decoder)
+    summary = Summary(store=str(out))
+
+    with FeatureStore.writer(out, config, manifest.classes, commit_every=opts.commit_every) as writer:
+        items = manifest.videos
+        if opts.retry_failed:
+            failed = {e["id"] for e in read_errors(out)}
+            items = [v for v in items if v.id in failed]
+        todo = [v for v in items if v.id not in writer.done]
+        summary.skipped = len(items) - len(todo)
+        if opts.limit is not None:
+            todo = todo[: max(0, opts.limit)]
+        summary.total = len(todo)
+        flow = None
+        if "flow" in cfg.streams:
+            flow = {"method": cfg.flow_method, "params": config["flow"]["params"], "bound": cfg.flow_bound,
+                    "stack": cfg.flow_stack, "device": device if device.startswith("cuda") else "cpu"}
+        tasks = ((v.id, {"path": str(v.path), "sampling": cfg.sampling, "decoder": decoder,
+                         "device": device if decoder == "torchcodec" else "cpu", "streams": cfg.streams,
+                         "flow": flow}) for v in todo)
+        # CUDA work (NVDEC, GPU flow) stays in-process: a CUDA context per worker process is wasteful.
+        workers = 0 if device.startswith("cuda") and (decoder == "torchcodec" or flow) else opts.workers
+        bar = tqdm(total=len(todo), unit="video", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
+        for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=_worker_init):
+            if not res.ok:
+                stage = "decode" if res.error in ("timeout",) or res.error.startswith("SIG") else "prepare"
+                writer.log_error(res.key, stage, res.error, res.message)
+                summary.failed += 1
+                summary.failures.append({"id": res.key, "error": res.error, "message": res.message})
+                bar.update(1)
+                continue
+            video = res.value
+            for k, v in video["seconds"].items():
+                summary.seconds[k] += v
+            feats: dict[str, np.ndarray] = {}
+            try:
+                for s in streams:
+                    feats.update(_embed(s, video[s.name], opts.batch_size, summary.seconds))
+            except Exception as e:  # noqa: BLE001 - a video the CNN cannot take is logged, the run goes on
+                writer.log_error(res.key, "cnn", type(e).__name__, str(e))
+                summary.failed += 1
+                summary.failures.append({"id": res.key, "error": type(e).__name__, "message": str(e)})
+                bar.update(1)
+                continue
+            t0 = time.perf_counter()
+            writer.add(res.key, feats, video["meta"])
+            summary.seconds["write"] += time.perf_counter() - t0
+            summary.done += 1
+            summary.frames += len(video["meta"]["frame_indices"])
+            bar.update(1)
+            rate = bar.format_dict.get("rate") or 0.0
+            bar.set_postfix(frames_s=f"{rate * summary.frames / max(summary.done, 1):.1f}", failed=summary.failed)
+        bar.close()
+        writer.commit()
+        if opts.retry_failed:
+            writer.prune_errors()
+    summary.wall = time.perf_counter() - t_start
+    (Path(out) / "last_run.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str))
+    return summary

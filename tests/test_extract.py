@@ -1,0 +1,218 @@
+"""Stage one end to end: extraction, resume after kill -9, idempotence, config refusal, bad inputs, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cli.main import main
+from pipeline.sampling import Sampling, sample_indices
+from pipeline.store import FeatureStore
+from pipeline.video import choose_backend, decode
+from stages.isolation import isolated_map
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_video(path: Path, n: int, h: int = 48, w: int = 64, seed: int = 0, gray: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h), isColor=not gray)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        frame = np.roll(base, 2 * i, axis=1)
+        vw.write(frame[..., 0].copy() if gray else frame)
+    vw.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Folder-per-class layout: 2 classes x 3 videos of 12-30 frames."""
+    root = tmp_path_factory.mktemp("tiny")
+    for c, cls in enumerate(["left", "right"]):
+        for k in range(3):
+            write_video(root / cls / f"{cls}{k}.avi", 12 + 6 * k, seed=10 * c + k)
+    return root
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """Run the CLI in a subprocess (exit codes and stderr exactly as a user sees them)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
+    return p.returncode, p.stdout + p.stderr
+
+
+FAST = ["--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
+
+
+def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path):
+    store = tmp_path / "store"
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
+    assert code == 0, out
+    assert "done 6, skipped 0" in out
+    fs = FeatureStore.open(store)
+    assert len(fs.ids()) == 6 and fs.streams == {"rgb": 1280}
+    assert fs.get("left/left0.avi", "rgb").shape == (4, 1280)
+    assert np.isfinite(fs.get("left/left0.avi", "rgb").astype(np.float32)).all()
+    m = fs.meta("right/right2.avi")
+    assert m["n_frames"] == 24 and list(m["frame_indices"]) == [3, 9, 15, 21]
+    parts_before = sorted(p.name for p in (store / "parts").iterdir())
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
+    assert code == 0 and "done 0, skipped 6" in out, out
+    assert sorted(p.name for p in (store / "parts").iterdir()) == parts_before
+    code, out = run_cli("info", store, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["videos"] == 6 and info["streams"] == {"rgb": 1280}
+    assert info["config"]["sampling"]["frames"] == 4
+    assert info["config"]["backbones"]["rgb"]["weights_sha256"]
+
+
+def test_different_config_is_refused(tiny_dataset, tmp_path):
+    store = tmp_path / "store"
+    assert run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")[0] == 0
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST[2:], "--frames", "5")
+    assert code == 2
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "different config" in lines[0] and "Traceback" not in out
+
+
+def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path):
+    ref = tmp_path / "ref"
+    assert run_cli("extract", tiny_dataset, "--out", ref, *FAST)[0] == 0
+    store = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "cli.main", "extract", str(tiny_dataset), "--out", str(store), "--frames", "4",
+            "--quiet", "--workers", "1", "--commit-every", "1"]
+    p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if len(list((store / "parts").glob("*.h5"))) >= 2:
+            os.killpg(p.pid, signal.SIGKILL)  # the extractor and its decode worker
+            break
+        time.sleep(0.02)
+    p.wait()
+    killed_mid_run = p.returncode == -signal.SIGKILL
+    n_before = len(FeatureStore.open(store).ids())
+    assert n_before >= 2
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
+    assert code == 0, out
+    a, b = FeatureStore.open(ref), FeatureStore.open(store)
+    assert a.ids() == b.ids()
+    for vid in a.ids():
+        assert np.array_equal(a.get(vid, "rgb"), b.get(vid, "rgb")), vid
+    if killed_mid_run:
+        assert f"done {6 - n_before}, skipped {n_before}" in out
+
+
+def test_bad_videos_each_get_one_error_and_run_exits_0(tmp_path):
+    root = tmp_path / "bad"
+    write_video(root / "ok" / "good.avi", 10)
+    write_video(root / "ok" / "odd.avi", 6, h=17, w=33)
+    write_video(root / "ok" / "gray.avi", 6, gray=True)
+    write_video(root / "ok" / "one.avi", 1)
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.avi").write_bytes(b"")
+    (root / "broken" / "text.avi").write_text("this is not a video\n" * 50)
+    good = (root / "ok" / "good.avi").read_bytes()
+    (root / "broken" / "truncated.avi").write_bytes(good[: len(good) // 3])
+    store = tmp_path / "store"
+    code, out = run_cli("extract", root, "--out", store, *FAST)
+    assert code == 0, out
+    fs = FeatureStore.open(store)
+    for vid in ["ok/good.avi", "ok/odd.avi", "ok/gray.avi", "ok/one.avi"]:
+        assert fs.get(vid, "rgb").shape == (4, 1280), vid
+    assert list(fs.meta("ok/one.avi")["frame_indices"]) == [0, 0, 0, 0]  # repeats from the start
+    errors = {e["id"]: e for e in fs.errors()}
+    assert {"broken/empty.avi", "broken/text.avi"} <= set(errors)
+    assert all(vid.startswith("broken/") for vid in errors)
+    # truncated: either an error line or the frames that survive, never both, never neither
+    assert ("broken/truncated.avi" in errors) != ("broken/truncated.avi" in fs)
+    n_lines = len((store / "errors.jsonl").read_text().splitlines())
+    assert n_lines == len(errors)
+    # --retry-failed: fix one file, only the failed videos are tried, the fixed one lands
+    write_video(root / "broken" / "empty.avi", 8)
+    code, out = run_cli("extract", root, "--out", store, *FAST, "--retry-failed")
+    assert code == 0 and f"of {len(errors)} " in out, out
+    fs = FeatureStore.open(store)
+    assert "broken/empty.avi" in fs and "broken/empty.avi" not in {e["id"] for e in fs.errors()}
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["extract", "/no/such/dir", "--out", "x"], "does not exist"),
+    (["extract", "{tiny}", "--out", "{tmp}/s", "--streams", "rgb,depth"], "unknown stream"),
+    (["extract", "{tiny}", "--out", "{tmp}/s", "--device", "cuda"], "CUDA is not available"),
+    (["info", "{tmp}"], "not a feature store"),
+])
+def test_bad_cli_input_is_one_line(tiny_dataset, tmp_path, args, expect):
+    args = [a.format(tiny=tiny_dataset, tmp=tmp_path) for a in args]
+    code, out = run_cli(*args)
+    assert code != 0 and expect in out and "Traceback" not in out, out
+
+
+# --- isolation: a crashing or hanging decoder costs one video ------------------------------------------------
+
+def _crash_or_hang(x):
+    if x == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if x == "hang":
+        time.sleep(60)
+    if x == "raise":
+        raise ValueError("bad input")
+    return x * 2
+
+
+def test_isolated_map_survives_segfault_hang_and_exception():
+    tasks = [(k, k) for k in ["a", "segv", "b", "hang", "raise", "c"]]
+    out = {o.key: o for o in isolated_map(_crash_or_hang, tasks, workers=2, timeout=3)}
+    assert out["a"].value == "aa" and out["b"].value == "bb" and out["c"].value == "cc"
+    assert out["segv"].error == "SIGSEGV" and not out["segv"].ok
+    assert out["hang"].error == "timeout"
+    assert out["raise"].error == "ValueError" and "bad input" in out["raise"].message
+
+
+# --- sampling and decoding ---------------------------------------------------------------------------------------
+
+def test_sampling_modes():
+    assert list(sample_indices(100, 25, Sampling("frames", 4))) == [12, 37, 62, 87]
+    assert list(sample_indices(3, 25, Sampling("frames", 5))) == [0, 1, 2, 0, 1]  # repeat from the start
+    assert list(sample_indices(100, 25, Sampling("fps", None, fps=1))) == [0, 25, 50, 75]
+    assert list(sample_indices(60, 30, Sampling("fps", 4, fps=1))) == [0, 30, 0, 30]
+    assert len(sample_indices(100000, 25, Sampling("fps", None, fps=1))) == 120  # Ng et al.'s cap
+    assert list(sample_indices(5, 25, Sampling("all", None))) == [0, 1, 2, 3, 4]
+
+
+def test_decoder_choice():
+    assert choose_backend("auto", "cuda", ["decord", "pyav", "torchcodec"]) == "torchcodec"
+    assert choose_backend("auto", "cpu", ["decord", "pyav", "torchcodec"]) == "decord"
+    assert choose_backend("auto", "cuda", ["pyav"]) == "pyav"
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="not installed"):
+        choose_backend("torchcodec", "cpu", ["decord"])
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decoders_agree_on_true_frame_count(tmp_path, backend):
+    p = write_video(tmp_path / "v.avi", 17)
+    d = decode(p, backend)
+    assert d.n_frames == 17 and d.frames.shape == (17, 48, 64, 3) and d.frames.dtype == np.uint8
+    sub = decode(p, backend, indices=np.array([3, 3, 16]))
+    np.testing.assert_array_equal(sub.frames[0], d.frames[3])
+    np.testing.assert_array_equal(sub.frames[2], d.frames[16])
+
+
+def test_main_wraps_user_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", "/definitely/missing"])
+    assert e.value.code == 2

@@ -61,13 +61,15 @@ __all__ = [
 
 FINETUNE = ("all", "top3", "top")
 
-# Sec. 3.3: "mini-batches of 32 examples, momentum of 0.9 and weight decay of 0.0005 ... learning rates of 1e-3"
+# Sec. 3.3: "mini-batches of 32 examples, momentum of 0.9 and weight decay of 0.0005 ... learning rates of 1e-3".
+# frames=0: the trainer hands over every stored frame (padded and masked) and the head cuts its own contiguous clips.
 KARPATHY_TRAIN_DEFAULTS: dict = {
     "optimizer": "sgd",
     "lr": 1e-3,
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "batch_size": 32,
+    "frames": 0,
 }
 
 

@@ -1,0 +1,59 @@
+# twostream: `make extract` then `make train` run the main job on the embedded demo data (no network, no GPU).
+PY      ?= python3.11
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+TS       = $(BIN)/twostream
+DATA    ?= data/demo
+STORE   ?= data/demo-store
+RUNS    ?= runs
+FLOW    ?= tvl1
+HEAD    ?= ts-lstm
+WORKERS ?= 2
+
+.PHONY: install demo extract train sweep report test test-slow test-all bench lint clean
+
+$(BIN)/twostream: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/twostream
+
+$(DATA)/ucfTrainTestlist/classInd.txt: | $(BIN)/twostream
+	$(TS) demo-data $(DATA)
+
+demo: $(DATA)/ucfTrainTestlist/classInd.txt
+
+# Stage one on the demo data: RGB and flow streams, 25 frames per video (Ma et al.). Resumable: rerun to continue.
+extract: demo
+	$(TS) extract $(DATA) --out $(STORE) --streams rgb,flow --flow $(FLOW) --workers $(WORKERS)
+	$(TS) info $(STORE)
+
+# Stage two on the cached features: the default head on split 1.
+train: | $(BIN)/twostream
+	$(TS) train $(STORE) --dataset $(DATA) --split 1 --head $(HEAD) --streams rgb,flow --out $(RUNS)
+
+sweep: | $(BIN)/twostream
+	$(TS) sweep $(STORE) --dataset $(DATA) examples/sweep-demo.yaml --out $(RUNS) --jobs 2
+	$(TS) report $(RUNS) --out report
+
+test: | $(BIN)/twostream
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: | $(BIN)/twostream
+	$(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+test-all: | $(BIN)/twostream
+	$(BIN)/python -m pytest -q
+
+bench: | $(BIN)/twostream
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/flow.py --quick
+	$(BIN)/python bench/train.py --quick
+
+lint: | $(BIN)/twostream
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(DATA) $(STORE) $(RUNS) report

@@ -43,7 +43,7 @@ def tiny_dataset(tmp_path_factory):
     return root
 
 
-def run_cli(*args) -> tuple[int, str]:
+def run_cli_subprocess(*args) -> tuple[int, str]:
     """Run the CLI in a subprocess (exit codes and stderr exactly as a user sees them)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env,
@@ -51,10 +51,27 @@ def run_cli(*args) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
+@pytest.fixture
+def run_cli(capfd):
+    """Run the CLI in this process (saves a torch import per call); returns (exit code, stdout + stderr)."""
+
+    def run(*args):
+        capfd.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capfd.readouterr()
+        return code, out + err
+
+    return run
+
+
 FAST = ["--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
 
 
-def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path):
+def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
     store = tmp_path / "store"
     code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
     assert code == 0, out
@@ -77,16 +94,16 @@ def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path):
     assert info["config"]["backbones"]["rgb"]["weights_sha256"]
 
 
-def test_different_config_is_refused(tiny_dataset, tmp_path):
+def test_different_config_is_refused(tiny_dataset, tmp_path, run_cli):
     store = tmp_path / "store"
     assert run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")[0] == 0
-    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST[2:], "--frames", "5")
+    code, out = run_cli_subprocess("extract", tiny_dataset, "--out", store, *FAST[2:], "--frames", "5")
     assert code == 2
     lines = out.strip().splitlines()
     assert len(lines) == 1 and "different config" in lines[0] and "Traceback" not in out
 
 
-def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path):
+def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, run_cli):
     ref = tmp_path / "ref"
     assert run_cli("extract", tiny_dataset, "--out", ref, *FAST)[0] == 0
     store = tmp_path / "killed"
@@ -115,7 +132,7 @@ def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path):
         assert f"done {6 - n_before}, skipped {n_before}" in out
 
 
-def test_bad_videos_each_get_one_error_and_run_exits_0(tmp_path):
+def test_bad_videos_each_get_one_error_and_run_exits_0(tmp_path, run_cli):
     root = tmp_path / "bad"
     write_video(root / "ok" / "good.avi", 10)
     write_video(root / "ok" / "odd.avi", 6, h=17, w=33)
@@ -154,7 +171,7 @@ def test_bad_videos_each_get_one_error_and_run_exits_0(tmp_path):
     (["extract", "{tiny}", "--out", "{tmp}/s", "--device", "cuda"], "CUDA is not available"),
     (["info", "{tmp}"], "not a feature store"),
 ])
-def test_bad_cli_input_is_one_line(tiny_dataset, tmp_path, args, expect):
+def test_bad_cli_input_is_one_line(tiny_dataset, tmp_path, args, expect, run_cli):
     args = [a.format(tiny=tiny_dataset, tmp=tmp_path) for a in args]
     code, out = run_cli(*args)
     assert code != 0 and expect in out and "Traceback" not in out, out

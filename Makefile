@@ -6,7 +6,7 @@ TS       = $(BIN)/twostream
 DATA    ?= data/demo
 STORE   ?= data/demo-store
 RUNS    ?= runs
-FLOW    ?= tvl1
+FLOW    ?= dis
 HEAD    ?= ts-lstm
 WORKERS ?= 2
 
@@ -26,6 +26,8 @@ $(DATA)/ucfTrainTestlist/classInd.txt: | $(BIN)/twostream
 demo: $(DATA)/ucfTrainTestlist/classInd.txt
 
 # Stage one on the demo data: RGB and flow streams, 25 frames per video (Ma et al.). Resumable: rerun to continue.
+# FLOW=dis keeps the demo to minutes on 2 CPU cores; `make extract FLOW=tvl1` uses our TV-L1 (the papers' flow)
+# into another store (STORE=data/demo-store-tvl1): a store holds one config.
 extract: demo
 	$(TS) extract $(DATA) --out $(STORE) --streams rgb,flow --flow $(FLOW) --workers $(WORKERS)
 	$(TS) info $(STORE)

@@ -55,6 +55,7 @@ class RunOptions:
     retry_failed: bool = False
     commit_every: int = 8
     progress: bool = True
+    shard: tuple[int, int] | None = None  # (i, N), 0-based: only slice i of N of the manifest (stages/distributed.py)
 
 
 @dataclass
@@ -133,21 +134,21 @@ def prepare_video(task: dict) -> dict:
 
 
 def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
-    """uint8 stacks ``[T, H, W, 2L]`` of the L flow fields starting at each sampled position; each needed
+    """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
     consecutive pair is computed once even when stacks overlap (issue 3 part 3)."""
     from pipeline.flow import compute_flow
-    from pipeline.flow.images import flow_to_uint8
-    from pipeline.flow.stacks import assemble_stacks, pairs_needed
+    from pipeline.flow.images import flow_to_images
+    from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks
 
-    gray = frames.mean(-1).round().astype(np.uint8) if frames.shape[-1] == 3 else frames[..., 0]
-    pairs = pairs_needed(len(frames), idx, flow["stack"])
-    if len(pairs):
-        a = np.array([p for p, _ in pairs])
-        fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
-        images = flow_to_uint8(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
-    else:
-        images = np.zeros((0, 2, *gray.shape[1:]), np.uint8)
-    return assemble_stacks(images, pairs, len(frames), idx, flow["stack"])  # [T,2L,H,W]
+    L = flow["stack"]
+    if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
+        return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
+    gray = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+    pairs = pairs_for_stacks(len(frames), idx, L)
+    a = np.array([p for p, _ in pairs])
+    fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
+    images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
+    return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
 
 
 # ------------------------------------------------------------------------------------------------ main side
@@ -224,10 +225,28 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     bad = [s for s in cfg.streams if s not in STREAMS]
     if bad or not cfg.streams:
         raise UserError(f"unknown stream(s) {', '.join(bad) or '(none)'}; choose from {', '.join(STREAMS)}")
+    if "flow" in cfg.streams:
+        from pipeline.flow import FLOW_METHODS
+
+        if cfg.flow_method not in FLOW_METHODS:
+            raise UserError(f"unknown flow method {cfg.flow_method!r}; choose one of {', '.join(FLOW_METHODS)}")
     if opts.batch_size < 1 or opts.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     t_start = time.perf_counter()
     manifest = load_manifest(dataset, split_dir=split_dir, csv=csv)
+    # --- shards (issue 9): one slice of the manifest, its own writer name, committed by a shard manifest ---
+    videos, writer_name = manifest.videos, "p"
+    if opts.shard is not None:
+        from stages.distributed import committed_shard, ids_digest, shard_name, shard_slice, write_shard_manifest
+
+        i, n = opts.shard
+        if n < 1 or not 0 <= i < n:
+            raise UserError(f"shard {i}/{n}: need 0 <= i < N (shards are 0-based)")
+        videos, writer_name = shard_slice(manifest.videos, i, n), shard_name(i, n)
+        digest = ids_digest([v.id for v in manifest.videos])
+        if committed_shard(out, i, n, [v.id for v in videos], digest) is not None and not opts.retry_failed:
+            return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
+    # --- end shards ---
     device = resolve_device(opts.device)
     decoder = choose_backend(cfg.decoder, device)
     torch.manual_seed(0)
@@ -235,8 +254,9 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     config = store_config(cfg, streams, decoder)
     summary = Summary(store=str(out))
 
-    with FeatureStore.writer(out, config, manifest.classes, commit_every=opts.commit_every) as writer:
-        items = manifest.videos
+    with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
+                             only_own=opts.shard is not None) as writer:
+        items = videos
         if opts.retry_failed:
             failed = {e["id"] for e in read_errors(out)}
             items = [v for v in items if v.id in failed]
@@ -289,5 +309,11 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
         if opts.retry_failed:
             writer.prune_errors()
     summary.wall = time.perf_counter() - t_start
+    if opts.shard is not None:  # issue 9: the shard manifest is the shard's commit (and holds its summary)
+        from pipeline.store import config_hash
+
+        write_shard_manifest(out, i, n, [v.id for v in videos], len(manifest.videos), digest,
+                             config_hash(writer.config), summary.as_dict())
+        return summary
     (Path(out) / "last_run.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str))
     return summary

@@ -1,0 +1,93 @@
+"""``twostream train`` and ``twostream heads``: argument parsing and printing; the work is in ``stages.train``.
+
+Heavy imports (torch, h5py, matplotlib) happen inside the commands, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    from pipeline.errors import UserError
+
+    out = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set takes key=value, got {item!r}")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
+def _parse_list(text: str | None, what: str, cast=str) -> list | None:
+    from pipeline.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        items = [cast(p.strip()) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"{what}: cannot read {text!r} as a comma-separated list") from None
+    if not items:
+        raise UserError(f"{what} is empty")
+    return items
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--dataset", required=True, type=click.Path(), help="Dataset root (videos and list files) or a CSV.")
+@click.option("--split-dir", type=click.Path(), default=None, help="Folder of split files, if not under the root.")
+@click.option("--split", type=int, default=1, help="Train/test split to run.")
+@click.option("--splits", default=None, help="Several splits, e.g. 1,2,3: one run each plus a mean +- std summary.")
+@click.option("--head", default="ts-lstm", help="Registered head (see `twostream heads`).")
+@click.option("--streams", default=None, help="rgb, flow or rgb,flow (concatenated per frame). [default: rgb,flow "
+              "where the store has them]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a head-config or train key (repeatable); head.KEY / train.KEY to be explicit.")
+@click.option("--out", default="runs", type=click.Path(file_okay=False), help="Folder of run directories.")
+@click.option("--seed", type=int, default=0, help="Seed of initial weights, batch order and validation carving.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(store, dataset, split_dir, split, splits, head, streams, sets, out, seed, device, allow_missing, quiet):
+    """Train HEAD on the features in STORE for a split of DATASET; writes OUT/<head>-<hash>/."""
+    import warnings
+
+    from stages.train import TrainJob, train_splits
+    from stages.train import train as run_train
+
+    warnings.formatwarning = lambda message, *args, **kw: f"warning: {message}\n"  # one line, no source path
+
+    job = TrainJob(store=store, dataset=dataset, head=head, split=split,
+                   streams=tuple(_parse_list(streams, "--streams")) if streams else None,
+                   overrides=_parse_sets(sets), out=out, seed=seed, device=device,
+                   allow_missing=allow_missing, split_dir=split_dir)
+    if splits:
+        train_splits(job, _parse_list(splits, "--splits", int), progress=not quiet, echo=click.echo)
+    else:
+        run_train(job, progress=not quiet, echo=click.echo)
+
+
+@click.command()
+@click.argument("pattern", default="*")
+def heads(pattern):
+    """List registered heads (matching PATTERN) with their config keys, defaults and training defaults."""
+    import pipeline.heads  # noqa: F401  (registers every head)
+    from pipeline.registry import HEADS, config_fields
+    from pipeline.training import TRAIN_KEYS, TrainConfig
+
+    names = HEADS.names(pattern)
+    if not names:
+        click.echo(f"no head matches {pattern!r}")
+        return
+    for name in names:
+        entry = HEADS.get(name)
+        click.echo(f"{name}  [{entry.kind}]  {entry.doc}")
+        for key, default in config_fields(entry.config_cls):
+            click.echo(f"    {key} = {default!r}")
+        td = getattr(entry.config_cls, "train_defaults", None)
+        if td:
+            click.echo("    train: " + ", ".join(f"{k}={v!r}" for k, v in td.items()))
+    base = TrainConfig()
+    click.echo("\ntrain keys (every head): " + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS))

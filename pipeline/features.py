@@ -1,0 +1,230 @@
+"""Cached features joined with a manifest split, as tensors for stage two (DESIGN.md "Heads").
+
+One video id is followed from the manifest (label, group) to the feature store (``[T, D]`` float16 per
+stream) to a batch ``x [B, T, D]`` with a validity ``mask [B, T]`` and labels ``y [B]``:
+
+- ``join``: keep the manifest items whose features are committed in the store (a clear error otherwise);
+- ``carve_validation``: a validation split carved from the training list by *group*, so the clips of one
+  UCF101 group (same actor and scene, "ApplyEyeMakeup_g08") never straddle train and validation;
+- ``sample_frames``: fixed-T sampling, 25 equally spaced frames per video (Ma et al. Section 3.3 "Testing",
+  after Simonyan and Zisserman), or every stored frame (variable length, padded and masked per batch);
+- ``VideoFeatures``: a torch ``Dataset`` held in memory as float16 when it fits the memory budget, streamed
+  from the HDF5 store one video at a time when it does not; streams (``rgb``, ``flow``) are concatenated per
+  frame in the order given, and ``stream_dims`` tells the head where one ends.
+
+Labels live in the manifest and never in the store, so one extraction serves every split.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+__all__ = ["VideoFeatures", "carve_validation", "collate", "iter_batches", "join", "sample_frames", "video_level"]
+
+
+def sample_frames(n_stored: int, frames: int) -> np.ndarray:
+    """Indices of ``frames`` equally spaced frames among ``n_stored`` (both ends included); all when frames <= 0.
+
+    Ma et al. test on "25 frames ... sampled equally across each of the videos". A store that already holds 25
+    equally spaced frames is returned unchanged; a video with fewer stored frames than asked repeats its
+    nearest frames, so every sample of a fixed-T set has exactly ``frames`` steps.
+    """
+    if n_stored <= 0:
+        raise ValueError("a video with no stored frames cannot be sampled")
+    if frames <= 0:
+        return np.arange(n_stored)
+    return np.round(np.linspace(0, n_stored - 1, frames)).astype(np.int64)  # [frames]
+
+
+def join(items: Sequence, store_ids: set[str] | Sequence[str], allow_missing: bool = False, what: str = "split"):
+    """Manifest items whose features are in the store. Missing ones raise ``UserError`` (count and a few ids),
+    or with ``allow_missing`` are skipped with a warning (e.g. videos that failed to decode)."""
+    have = store_ids if isinstance(store_ids, set) else set(store_ids)
+    missing = [it.id for it in items if it.id not in have]
+    if missing:
+        example = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        msg = f"{len(missing)} of {len(items)} videos of the {what} are not in the feature store ({example})"
+        if not allow_missing:
+            raise UserError(msg + "; extract them first, or pass --allow-missing to skip them")
+        warnings.warn(msg + "; skipped (--allow-missing)", stacklevel=2)
+    return [it for it in items if it.id in have]
+
+
+def carve_validation(items: Sequence, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Split training items into (train, val) by group, about ``fraction`` of each class going to val.
+
+    Groups (``item.group``; the video id where a dataset has none) are shuffled per class with ``seed`` and
+    moved to validation until the class's share reaches ``fraction`` (so a class with two or more groups has at
+    least one in validation, and always keeps one in training). A group whose clips carry several labels is placed with its most common label, so a group is
+    never split whatever its labels.
+    """
+    if fraction <= 0:
+        return list(items), []
+    members: dict[str, list] = defaultdict(list)
+    for it in items:
+        members[it.group or it.id].append(it)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for g, its in members.items():
+        labels = [it.label for it in its]
+        by_class[max(set(labels), key=lambda lab: (labels.count(lab), -lab))].append(g)
+    rng = np.random.default_rng(seed)
+    val_groups: set[str] = set()
+    for label in sorted(by_class):
+        groups = sorted(by_class[label])
+        rng.shuffle(groups)
+        total = sum(len(members[g]) for g in groups)
+        target, taken = fraction * total, 0
+        for g in groups[:-1]:  # the last group always stays in training
+            if taken >= target:
+                break
+            val_groups.add(g)
+            taken += len(members[g])
+    train = [it for it in items if (it.group or it.id) not in val_groups]
+    val = [it for it in items if (it.group or it.id) in val_groups]
+    return train, val
+
+
+def _n_stored(store, ids: Sequence[str]) -> list[int]:
+    """Stored frame counts, without reading features."""
+    if hasattr(store, "lengths"):
+        return list(store.lengths(ids))
+    return [len(store.meta(v)["frame_indices"]) for v in ids]
+
+
+class VideoFeatures(torch.utils.data.Dataset):
+    """Features of a list of videos: item ``i`` is ``(x [T_i, D] float16 tensor, label)``.
+
+    ``in_memory=None`` decides by ``memory_gb``: the float16 bytes of the sampled frames must fit, else each
+    item is read from the store when asked (h5py reads one video's slice of a part). Fixed-T data in memory is
+    one ``[N, T, D]`` array, so a batch is a single index operation.
+    """
+
+    def __init__(self, store, ids: Sequence[str], labels: Sequence[int], streams: Sequence[str], frames: int = 25,
+                 memory_gb: float = 4.0, in_memory: bool | None = None, chunk: int = 1024):
+        if not streams:
+            raise UserError("choose at least one stream")
+        dims = store.streams
+        for s in streams:
+            if s not in dims:
+                raise UserError(f"the feature store has no stream {s!r}; it has: {', '.join(dims)}")
+        self.store, self.ids, self.streams, self.frames = store, list(ids), tuple(streams), int(frames)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.stream_dims = tuple(int(dims[s]) for s in self.streams)
+        self.dim = sum(self.stream_dims)
+        n_frames = [self.frames] * len(self.ids) if self.frames > 0 else _n_stored(store, self.ids)
+        self.nbytes = int(sum(n_frames)) * self.dim * 2  # float16
+        self.in_memory = self.nbytes <= memory_gb * 2**30 if in_memory is None else in_memory
+        self._data: np.ndarray | list[torch.Tensor] | None = None
+        if self.in_memory:
+            self._data = self._load_all(chunk)
+
+    def _read(self, stream: str, ids: Sequence[str]) -> list[np.ndarray]:
+        return self.store.load(stream, ids) if hasattr(self.store, "load") else [self.store.get(v, stream) for v in ids]
+
+    def _load_all(self, chunk: int):
+        N = len(self.ids)
+        if self.frames > 0:
+            # One preallocated [N, T, D] block filled stream by stream: peak memory is the block plus one chunk.
+            # Filled with numpy: many small torch copies pay for thread start-up on a busy machine.
+            out = np.empty((N, self.frames, self.dim), dtype=np.float16)
+            offset = 0
+            for s, d in zip(self.streams, self.stream_dims):
+                for a in range(0, N, chunk):
+                    for i, arr in enumerate(self._read(s, self.ids[a:a + chunk]), start=a):
+                        out[i, :, offset:offset + d] = arr[sample_frames(len(arr), self.frames)]
+                offset += d
+            return out  # [N, T, D]
+        out = []
+        for a in range(0, N, chunk):
+            per_stream = [self._read(s, self.ids[a:a + chunk]) for s in self.streams]
+            out += [torch.from_numpy(np.concatenate(arrs, axis=1, dtype=np.float16)) for arrs in zip(*per_stream)]
+        return out  # N x [T_i, D]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item(self, i: int) -> torch.Tensor:
+        """Features of video ``i``: [T, D] float16."""
+        if isinstance(self._data, np.ndarray):
+            return torch.from_numpy(self._data[i])
+        if self._data is not None:
+            return self._data[i]
+        parts = [self.store.get(self.ids[i], s) for s in self.streams]  # each [T_stored, d]
+        x = np.concatenate(parts, axis=1)
+        if self.frames > 0:
+            x = x[sample_frames(len(x), self.frames)]
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.item(i), int(self.labels[i])
+
+    def batch(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(x [B, T, D] float16, mask [B, T] bool or None, y [B] int64)`` for the videos in ``index``."""
+        index = list(index)
+        y = torch.from_numpy(self.labels[index])
+        if isinstance(self._data, np.ndarray):
+            return torch.from_numpy(self._data[index]), None, y  # fixed T in memory: one gather [B, T, D]
+        return collate([(self.item(i), 0) for i in index])[:2] + (y,)
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Pad a list of ``(x [T_i, D], label)`` to ``x [B, T_max, D]`` with ``mask [B, T_max]`` True on real frames.
+
+    When every item has the same length the mask is None (the heads' fast path: all frames real).
+    """
+    xs, ys = [b[0] for b in batch], torch.tensor([int(b[1]) for b in batch], dtype=torch.int64)
+    lengths = [len(x) for x in xs]
+    if len(set(lengths)) == 1:
+        return torch.stack(xs), None, ys  # [B, T, D]
+    T = max(lengths)
+    out = xs[0].new_zeros((len(xs), T, xs[0].shape[1]))  # [B, T_max, D]
+    mask = torch.zeros((len(xs), T), dtype=torch.bool)  # [B, T_max]
+    for b, x in enumerate(xs):
+        out[b, : len(x)] = x
+        mask[b, : len(x)] = True
+    return out, mask, ys
+
+
+def iter_batches(data: VideoFeatures, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, drop_single: bool = False) -> Iterator:
+    """Batches ``(x, mask, y)`` over ``data``; shuffled with ``generator`` (seeded) when asked.
+
+    ``drop_single`` drops a final batch of one video in training, where batch normalisation cannot run.
+    """
+    n = len(data)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    for a in range(0, n, batch_size):
+        index = order[a:a + batch_size]
+        if drop_single and len(index) == 1 and n > 1:
+            return
+        yield data.batch(index)
+
+
+def video_level(data: VideoFeatures, batch_size: int = 256) -> np.ndarray:
+    """Video-level features for kernel baselines: the mean over each video's (valid) frames, [N, D] float32
+    (Wu et al. Section 3.3: "average pooling is adopted to aggregate the frame-level CNN features into video-level
+    representations"; the same vectors feed the SVM baselines of Section 4.1.3)."""
+    out = np.empty((len(data), data.dim), dtype=np.float32)
+    for a in range(0, len(data), batch_size):
+        x, mask, _ = data.batch(range(a, min(a + batch_size, len(data))))
+        x = x.float()
+        if mask is None:
+            v = x.mean(1)  # [B, D]
+        else:
+            m = mask.unsqueeze(-1).float()
+            v = (x * m).sum(1) / m.sum(1).clamp_min(1)  # [B, D]
+        out[a:a + len(v)] = v.numpy()
+    return out
+
+
+def memory_estimate_gb(n_videos: int, frames: int, dim: int) -> float:
+    """float16 gigabytes of a fixed-T set: what ``memory_gb`` is compared against."""
+    return n_videos * frames * dim * 2 / 2**30 if frames > 0 else math.nan

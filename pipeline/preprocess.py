@@ -1,0 +1,149 @@
+"""Frames to normalised CNN input, as the backbone's ``spec`` says (pure torch, no file or video I/O).
+
+The pipeline a weights file was trained with ships with it (torchvision's weights entries, timm's
+``pretrained_cfg``): resize the shorter side to ``spec["resize"]``, crop ``spec["input_size"]``, scale to
+[0, 1], subtract ``mean`` and divide by ``std``. ``preprocess`` returns ``[N, V, C, S, S]`` where V counts the
+test-time views (``center`` 1, ``flip`` 2, ``10crop`` 10); features are averaged over V afterwards.
+
+Flow stacks (Simonyan & Zisserman; TSN; Ma et al. 3.1) arrive as uint8 flow images ``[N, H, W, 2L]`` with
+channels interleaved ``(x_1, y_1, x_2, y_2, ...)`` and 128 meaning zero motion. Mirroring a flow field
+negates its horizontal component, which on uint8 images is ``x -> 255 - x`` (``1 - x`` after /255).
+
+Multiresolution (Karpathy et al. 2014, Section 3.2): ``foveated_views`` splits a full-resolution crop into a
+context view (the whole crop downsampled by 2) and a fovea view (the centre crop at full resolution, half the
+side); each view has a quarter of the pixels, so the pair costs about half a full-resolution pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TTA_VIEWS", "to_float_chw", "resize_shorter", "center_crop", "five_crop", "hflip", "normalize",
+    "tta_views", "view_flips", "preprocess", "foveated_views",
+]
+
+#: number of views each test-time augmentation yields
+TTA_VIEWS = {"center": 1, "flip": 2, "10crop": 10}
+
+
+def to_float_chw(frames, in_chans: int = 3) -> torch.Tensor:
+    """uint8 frames ``[N, H, W, C]`` (or ``[N, H, W]`` grayscale) -> float ``[N, C, H, W]`` in [0, 1].
+
+    Grayscale (1 channel) is replicated to 3 channels when the network expects RGB.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else torch.as_tensor(frames)
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)  # [N,H,W] -> [N,H,W,1]
+    if x.dim() != 4:
+        raise ValueError(f"frames must be [N, H, W, C] or [N, H, W]; got shape {tuple(x.shape)}")
+    if x.shape[-1] == 1 and in_chans == 3:
+        x = x.expand(-1, -1, -1, 3)  # [N,H,W,1] -> [N,H,W,3]
+    if x.shape[-1] != in_chans:
+        raise ValueError(f"frames have {x.shape[-1]} channels, the backbone expects {in_chans}")
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    return x.permute(0, 3, 1, 2).float().div_(scale)  # [N,H,W,C] -> [N,C,H,W]
+
+
+def resize_shorter(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` so that min(H, W) == size, keeping the aspect ratio (antialiased, like PIL)."""
+    h, w = x.shape[-2:]
+    if min(h, w) == size:
+        return x
+    scale = size / min(h, w)
+    out_hw = (size, max(size, round(w * scale))) if h <= w else (max(size, round(h * scale)), size)
+    y = F.interpolate(x, size=out_hw, mode=interpolation, align_corners=False, antialias=True)  # [N,C,h',w']
+    # bicubic overshoots; PIL's uint8 output clips, so do the same
+    return y.clamp_(0.0, 1.0) if interpolation == "bicubic" else y
+
+
+def _crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    return x[..., top:top + size, left:left + size]  # [...,H,W] -> [...,S,S]
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre ``size x size`` crop of ``[..., H, W]`` (torchvision rounding)."""
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {size}x{size} from {h}x{w}")
+    return _crop(x, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)
+
+
+def five_crop(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Top-left, top-right, bottom-left, bottom-right and centre crops (torchvision ``five_crop`` order)."""
+    h, w = x.shape[-2:]
+    return [_crop(x, 0, 0, size), _crop(x, 0, w - size, size), _crop(x, h - size, 0, size),
+            _crop(x, h - size, w - size, size), center_crop(x, size)]
+
+
+def hflip(x: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """Mirror ``[..., C, H, W]`` in [0, 1]. For a flow stack (interleaved x, y) the x channels become 1 - x."""
+    y = x.flip(-1)
+    if flow:
+        y = y.clone()
+        y[..., 0::2, :, :] = 1.0 - y[..., 0::2, :, :]  # u -> -u around 0.5 (uint8: 255 - x)
+    return y
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel of ``[..., C, H, W]``."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def view_flips(tta: str) -> list[bool]:
+    """Which of the ``tta`` views are mirrored (to un-mirror spatial maps before averaging them)."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_VIEWS)}")
+    n = TTA_VIEWS[tta]
+    return [False] * n if n == 1 else [False] * (n // 2) + [True] * (n // 2)
+
+
+def tta_views(x: torch.Tensor, size: int, tta: str = "center", flow: bool = False) -> torch.Tensor:
+    """``[N, C, H, W]`` (already resized) -> ``[N, V, C, S, S]``.
+
+    ``center``: the centre crop. ``flip``: centre crop and its mirror. ``10crop``: the four corners and the
+    centre, then the mirrors of those five in the same order (view ``5 + i`` is ``hflip`` of view ``i``).
+    """
+    flips = view_flips(tta)
+    crops = five_crop(x, size) if tta == "10crop" else [center_crop(x, size)]
+    if any(flips):
+        crops = crops + [hflip(c, flow=flow) for c in crops]
+    return torch.stack(crops, dim=1)  # V x [N,C,S,S] -> [N,V,C,S,S]
+
+
+def preprocess(frames, spec: dict, tta: str = "center") -> torch.Tensor:
+    """uint8 frames ``[N, H, W, C]`` (RGB, or a flow stack with ``C = 2L``) -> normalised ``[N, V, C, S, S]``.
+
+    ``spec`` is a backbone's ``spec`` (keys ``resize``, ``input_size``, ``interpolation``, ``mean``, ``std``,
+    ``in_chans``, ``modality``). A foveated backbone takes the same full-resolution crop and splits it itself.
+    """
+    in_chans = int(spec["in_chans"])
+    x = to_float_chw(frames, in_chans)  # [N,H,W,C] -> [N,C,H,W]
+    x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [N,C,H,W] -> [N,C,R,R*w/h]
+    x = tta_views(x, int(spec["input_size"]), tta, flow=spec.get("modality") == "flow")  # -> [N,V,C,S,S]
+    return normalize(x, spec["mean"], spec["std"])
+
+
+def foveated_views(x: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Karpathy et al. 3.2: ``[..., C, S, S]`` -> (context, fovea), each ``[..., C, size, size]``.
+
+    ``size`` defaults to S // 2. Context: the whole frame downsampled to ``size`` (a 2x2 average when
+    S == 2 * size, the antialiased equivalent otherwise). Fovea: the centre ``size x size`` region at full
+    resolution. The paper uses 178 -> two 89x89 streams.
+    """
+    s = x.shape[-1]
+    size = s // 2 if size is None else int(size)
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])  # [...,C,S,S] -> [M,C,S,S]
+    if s == 2 * size and x.shape[-2] == s:
+        context = F.avg_pool2d(flat, 2)  # [M,C,S,S] -> [M,C,S/2,S/2]
+    else:
+        context = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    fovea = center_crop(flat, size)  # [M,C,S,S] -> [M,C,size,size]
+    return context.reshape(*lead, *context.shape[1:]), fovea.reshape(*lead, *fovea.shape[1:])

@@ -1,0 +1,179 @@
+"""Stage two: train one head on cached features and write its run directory (DESIGN.md "Runs").
+
+``train(job)`` follows one head name from the command line to ``OUT/<head>-<hash12>/``:
+
+1. resolve the head config and TrainConfig (paper defaults, then ``--set``), open the store and the manifest;
+2. hash the resolved config together with the store's and the manifest's fingerprints; a complete run
+   directory of that name means the work is done ("cached") and nothing is loaded;
+3. join the split with the store, carve a validation split from train by group, load features;
+4. fit (torch: early stopping on val accuracy, best epoch kept; sklearn: fit on train);
+5. only then read the test videos, score them, and write weights, metrics, scores, log and plots, and the
+   COMPLETE marker last.
+
+``train_splits`` runs several splits and writes their mean +- std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import pipeline.heads  # noqa: F401  (registers every head)
+from pipeline.datasets import load_manifest
+from pipeline.errors import UserError
+from pipeline.features import VideoFeatures, carve_validation, join
+from pipeline.metrics import classification_report
+from pipeline.registry import HEADS
+from pipeline.runs import RunDir, write_summary
+from pipeline.store import FeatureStore
+from pipeline.training import (
+    build_head,
+    count_params,
+    fit,
+    fit_sklearn,
+    predict,
+    predict_sklearn,
+    resolve_configs,
+    resolve_device,
+)
+
+__all__ = ["RunResult", "TrainJob", "default_streams", "train", "train_splits"]
+
+RUN_FORMAT = 1  # bump when the run directory's content changes meaning, so old runs are not reused
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    store: str
+    dataset: str
+    head: str = "ts-lstm"
+    split: int = 1
+    streams: tuple[str, ...] | None = None  # None: rgb and flow, those the store has
+    overrides: tuple[tuple[str, str], ...] = ()  # --set key=value, in order
+    out: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # not part of the run hash: the same config on CPU or GPU names the same run
+    allow_missing: bool = False
+    split_dir: str | None = None
+
+
+@dataclass
+class RunResult:
+    path: Path
+    metrics: dict
+    cached: bool
+
+
+def default_streams(available: dict[str, int]) -> tuple[str, ...]:
+    """Both two-stream features, rgb then flow, where the store has them; otherwise every stream it has."""
+    picked = tuple(s for s in ("rgb", "flow") if s in available)
+    return picked or tuple(sorted(available))
+
+
+def _echo(msg: str) -> None:
+    print(msg)
+
+
+def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo) -> RunResult:
+    entry = HEADS.get(job.head)
+    head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
+    store = FeatureStore.open(job.store)
+    manifest = load_manifest(job.dataset, job.split_dir)
+    streams = tuple(job.streams) if job.streams else default_streams(store.streams)
+    missing = [s for s in streams if s not in store.streams]
+    if missing:
+        raise UserError(f"the feature store has no stream {missing[0]!r}; it has: {', '.join(store.streams)}")
+
+    # -- the run's name: a hash of everything that decides its result
+    config = {
+        "run_format": RUN_FORMAT,
+        "head": job.head,
+        "head_config": dataclasses.asdict(head_cfg),
+        "train": dataclasses.asdict(cfg),
+        "streams": list(streams),
+        "split": job.split,
+        "store_fingerprint": store.fingerprint,
+        "manifest_fingerprint": manifest.fingerprint(),
+        "classes": manifest.classes,
+    }
+    run = RunDir(job.out, job.head, config)
+    if run.complete:
+        echo(f"cached: {run.path}")
+        return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+
+    # -- data: the split joined with the store; validation carved from train by group
+    if store.classes and store.classes != manifest.classes:
+        warnings.warn(f"the store was built with other class names than {job.dataset}; labels come from the dataset",
+                      stacklevel=2)
+    train_items, test_items = manifest.split(job.split)
+    have = set(store.ids())
+    train_items = join(train_items, have, job.allow_missing, what=f"training list of split {job.split}")
+    test_items = join(test_items, have, job.allow_missing, what=f"test list of split {job.split}")
+    train_items, val_items = carve_validation(train_items, cfg.val_fraction, cfg.seed)
+    if not train_items or not test_items:
+        raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
+
+    def features(items):
+        return VideoFeatures(store, [it.id for it in items], [it.label for it in items], streams,
+                             frames=cfg.frames, memory_gb=cfg.memory_gb)
+
+    train_set, val_set = features(train_items), features(val_items)
+    classes, device = manifest.classes, resolve_device(job.device)
+    head = build_head(job.head, head_cfg, train_set.dim, len(classes), train_set.stream_dims, cfg.seed)
+    echo(f"{run.name}: {job.head} on {'+'.join(streams)} ({train_set.dim} dims), split {job.split}: "
+         f"{len(train_set)} train / {len(val_set)} val / {len(test_items)} test videos, "
+         f"{'in memory' if train_set.in_memory else 'streamed'}, {device}")
+
+    # -- fit
+    run.start()
+    if entry.kind == "sklearn":
+        fitted = fit_sklearn(head, train_set, val_set)
+        score = lambda data: predict_sklearn(head, data)
+    else:
+        fitted = fit(head, train_set, val_set, cfg, device, on_epoch=run.log, progress=progress)
+        score = lambda data: predict(head, data, device, cfg.eval_batch_size)
+    val_scores = score(val_set) if len(val_set) else np.zeros((0, len(classes)), np.float32)
+
+    # -- the test split is read only now, for the final evaluation
+    del train_set
+    test_set = features(test_items)
+    test_scores = score(test_set)
+    metrics = classification_report(test_scores, test_set.labels, classes)
+    metrics.update({
+        "head": job.head, "split": job.split, "streams": list(streams),
+        "n_train": len(train_items), "n_val": len(val_items), "n_test": len(test_set),
+        "val_accuracy": fitted["best_val_accuracy"], "best_epoch": fitted["best_epoch"],
+        "epochs_run": fitted["epochs_run"], "fit_seconds": fitted["fit_seconds"],
+        "params": count_params(head), "device": str(device),
+    })
+
+    # -- write the run; COMPLETE last
+    if entry.kind == "sklearn":
+        run.write_sklearn_weights(head)
+    else:
+        run.write_torch_weights(head, metadata={"head": job.head, "config_hash": run.hash})
+    run.write_scores("scores_val.npz", val_set.ids, val_set.labels, val_scores, classes)
+    run.write_scores("scores_test.npz", test_set.ids, test_set.labels, test_scores, classes)
+    run.write_json("metrics.json", metrics)
+    run.plot_learning_curve(fitted["history"])
+    run.plot_confusion(metrics["confusion"], classes)
+    run.mark_complete()
+    echo(f"{run.path}: accuracy {100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  "
+         f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']})")
+    return RunResult(run.path, metrics, cached=False)
+
+
+def train_splits(job: TrainJob, splits: list[int], progress: bool = True,
+                 echo: Callable[[str], None] = _echo) -> tuple[list[RunResult], Path, dict]:
+    """One run per split, then ``OUT/<head>-splits-<hash12>.json|.md`` with mean +- std over them."""
+    results = [train(dataclasses.replace(job, split=s), progress=progress, echo=echo) for s in splits]
+    path, summary = write_summary(job.out, job.head, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
+    a = summary["accuracy"]
+    echo(f"{job.head} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f} +- {100 * a['std']:.2f}"
+         f"  ({path})")
+    return results, path, summary

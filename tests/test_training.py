@@ -1,0 +1,430 @@
+"""Stage two: data (join, validation by group, sampling, masks), trainer, run directories and the CLI.
+
+Everything runs on a tiny synthetic store (3 classes, rgb 6 + flow 4 dims) and a UCF101-layout dataset with
+empty video files; the heads are test-only heads registered here, so the machinery is tested independently
+of the paper heads (which have their own tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from pipeline.datasets import VideoItem, load_manifest
+from pipeline.errors import UserError
+from pipeline.features import VideoFeatures, carve_validation, collate, join, sample_frames, video_level
+from pipeline.heads.base import Head, masked_mean
+from pipeline.registry import HEADS, RegistryError
+from pipeline.runs import COMPLETE, config_hash
+from pipeline.store import FeatureStore
+from pipeline.training import build_head, fit, predict, resolve_configs
+
+torch.set_num_threads(1)
+
+CLASSES = ["Alpha", "Beta", "Gamma"]
+RGB, FLOW = 6, 4
+
+
+# ---------------------------------------------------------------------------------------------- test heads
+
+
+@dataclass(frozen=True)
+class MeanLinearConfig:
+    """Test head: masked mean over frames, then dropout and a linear layer."""
+
+    dropout: float = 0.2
+    train_defaults: ClassVar[dict] = {"optimizer": "adam", "lr": 0.05, "epochs": 30, "batch_size": 8, "frames": 0}
+
+
+class MeanLinear(Head):
+    def __init__(self, cfg, input_dim, num_classes):
+        super().__init__()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(input_dim, num_classes)
+        self.seen_masks: list = []
+
+    def forward(self, x, mask=None):
+        self.seen_masks.append(None if mask is None else mask.clone())
+        return self.fc(self.drop(masked_mean(x, mask)))  # [B,T,D] -> [B,D] -> [B,C]
+
+
+if "test-mean-linear" not in HEADS:
+
+    @HEADS.register("test-mean-linear", MeanLinearConfig)
+    def _build_mean_linear(cfg, input_dim, num_classes, stream_dims):
+        """Test head: masked mean + linear."""
+        return MeanLinear(cfg, input_dim, num_classes)
+
+
+@dataclass(frozen=True)
+class CentroidConfig:
+    """Test sklearn head: nearest class mean (decision = minus squared distance)."""
+
+    shrink: float = 0.0
+
+
+class Centroid:
+    def __init__(self, shrink=0.0):
+        self.shrink = shrink
+
+    def fit(self, X, y):
+        self.means_ = np.stack([X[y == c].mean(0) for c in range(int(y.max()) + 1)])
+        return self
+
+    def decision_function(self, X):
+        return -((X[:, None, :] - self.means_[None]) ** 2).sum(-1)
+
+
+if "test-centroid" not in HEADS:
+
+    @HEADS.register("test-centroid", CentroidConfig, kind="sklearn")
+    def _build_centroid(cfg, input_dim, num_classes, stream_dims):
+        """Test sklearn head."""
+        return Centroid(cfg.shrink)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def _video_features(label: int, T: int, rng) -> dict[str, np.ndarray]:
+    rgb = rng.normal(0, 1, (T, RGB)).astype(np.float32)
+    rgb[:, label] += 2.0  # class is readable from the mean rgb feature
+    flow = rng.normal(0, 1, (T, FLOW)).astype(np.float32)
+    return {"rgb": rgb.astype(np.float16), "flow": flow.astype(np.float16)}
+
+
+def make_dataset(tmp_path, groups=7, clips=2, skip_in_store=()):
+    """UCF101 layout (class folders, splits/classInd.txt, trainlist01/testlist01) and a store of its videos.
+
+    Groups 1-2 of each class are test, 3..groups train (as UCF101's split 1 takes groups 1-7 for test).
+    """
+    root, store_path = tmp_path / "data", tmp_path / "store"
+    (root / "splits").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_lines, test_lines = [], []
+    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, CLASSES) as w:
+        for c, name in enumerate(CLASSES):
+            (root / name).mkdir()
+            for g in range(1, groups + 1):
+                for k in range(1, clips + 1):
+                    rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
+                    (root / rel).touch()
+                    (test_lines if g <= 2 else train_lines).append(rel if g <= 2 else f"{rel} {c + 1}")
+                    if rel in skip_in_store:
+                        continue
+                    T = int(rng.integers(8, 15))
+                    w.add(rel, _video_features(c, T, rng),
+                          meta={"frame_indices": np.arange(T) * 3, "fps": 25.0, "n_frames": 3 * T, "duration": T * 0.12})
+    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(CLASSES)))
+    (root / "splits" / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
+    (root / "splits" / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
+    return root, store_path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def _items(n_groups=10, clips=3, classes=2):
+    return [VideoItem(f"C{c}/v_C{c}_g{g:02d}_c{k}.avi", None, c, f"C{c}_g{g:02d}")
+            for c in range(classes) for g in range(n_groups) for k in range(clips)]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_sample_frames_equally_spaced():
+    np.testing.assert_array_equal(sample_frames(25, 25), np.arange(25))
+    np.testing.assert_array_equal(sample_frames(100, 5), [0, 25, 50, 74, 99])  # round(linspace(0, 99, 5))
+    np.testing.assert_array_equal(sample_frames(3, 5), [0, 0, 1, 2, 2])  # fewer stored than asked: repeats
+    np.testing.assert_array_equal(sample_frames(7, 0), np.arange(7))  # 0: every stored frame
+    s = sample_frames(250, 25)
+    assert s[0] == 0 and s[-1] == 249 and np.ptp(np.diff(s)) <= 1
+
+
+def test_validation_is_carved_by_group_and_never_straddles():
+    items = _items()
+    for seed in range(5):
+        train, val = carve_validation(items, 0.2, seed)
+        assert len(train) + len(val) == len(items)
+        assert {it.group for it in train}.isdisjoint({it.group for it in val})
+        for c in (0, 1):  # every class gets about 20% (2 of its 10 groups), and keeps training groups
+            assert sum(it.label == c for it in val) == 6
+    a, b = carve_validation(items, 0.2, 0)[1], carve_validation(items, 0.2, 0)[1]
+    assert [it.id for it in a] == [it.id for it in b]  # seeded
+    assert {it.group for it in carve_validation(items, 0.2, 1)[1]} != {it.group for it in a}
+    assert carve_validation(items, 0.0, 0) == (items, [])
+
+
+def test_join_reports_missing_videos_or_skips_them():
+    items = _items(n_groups=2, clips=1)
+    have = {it.id for it in items[1:]}
+    with pytest.raises(UserError, match=r"1 of 4 videos .* not in the feature store .*--allow-missing"):
+        join(items, have)
+    with pytest.warns(UserWarning, match="skipped"):
+        assert join(items, have, allow_missing=True) == items[1:]
+
+
+def test_collate_pads_and_masks():
+    xs = [(torch.ones(3, 2), 0), (2 * torch.ones(5, 2), 1)]
+    x, mask, y = collate(xs)
+    assert x.shape == (2, 5, 2) and mask.shape == (2, 5)
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert x[0, 3:].abs().sum() == 0 and torch.equal(y, torch.tensor([0, 1]))
+    x, mask, _ = collate([(torch.ones(4, 2), 0), (torch.ones(4, 2), 1)])
+    assert mask is None and x.shape == (2, 4, 2)  # equal lengths: no mask
+
+
+def test_features_streams_fixed_and_variable_in_memory_and_streamed(dataset):
+    _, store_path = dataset
+    store = FeatureStore.open(store_path)
+    ids = store.ids()[:5]
+    labels = [0] * 5
+    fixed = VideoFeatures(store, ids, labels, ("rgb", "flow"), frames=4)
+    assert fixed.in_memory and fixed.stream_dims == (RGB, FLOW) and fixed.dim == RGB + FLOW
+    x, mask, _ = fixed.batch(range(5))
+    assert x.shape == (5, 4, RGB + FLOW) and x.dtype == torch.float16 and mask is None
+    raw = np.concatenate([store.get(ids[1], "rgb"), store.get(ids[1], "flow")], axis=1)
+    np.testing.assert_array_equal(x[1].numpy(), raw[sample_frames(len(raw), 4)])
+    streamed = VideoFeatures(store, ids, labels, ("rgb", "flow"), frames=4, memory_gb=0)
+    assert not streamed.in_memory
+    assert torch.equal(streamed.batch(range(5))[0], x)
+    var = VideoFeatures(store, ids, labels, ("flow",), frames=0)
+    xv, mv, _ = var.batch(range(5))
+    lengths = [len(store.get(i, "flow")) for i in ids]
+    assert xv.shape == (5, max(lengths), FLOW) and mv.sum(1).tolist() == lengths
+    var_streamed = VideoFeatures(store, ids, labels, ("flow",), frames=0, in_memory=False)
+    assert torch.equal(var_streamed.batch(range(5))[0], xv)
+    np.testing.assert_allclose(video_level(var)[2], store.get(ids[2], "flow").astype(np.float32).mean(0), rtol=1e-3)
+    with pytest.raises(UserError, match="no stream 'depth'"):
+        VideoFeatures(store, ids, labels, ("depth",))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_resolve_configs_layers_defaults_and_overrides():
+    head_cfg, cfg = resolve_configs("test-mean-linear", {"dropout": "0.5", "lr": "0.01", "schedule": "cosine"}, seed=3)
+    assert head_cfg.dropout == 0.5
+    assert cfg.lr == 0.01 and cfg.epochs == 30 and cfg.frames == 0 and cfg.schedule == "cosine" and cfg.seed == 3
+    _, cfg = resolve_configs("test-mean-linear", {"train.seed": "7", "head.dropout": "0"})
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hidden": "3"}, r"unknown key 'hidden'.*head keys: dropout.*train keys: optimizer, lr"),
+    ({"lr": "fast"}, r"cannot read 'fast' as float"),
+    ({"optimizer": "rmsprop"}, r"invalid train setting optimizer"),
+    ({"train.dropout": "1"}, r"no train key 'dropout'"),
+])
+def test_set_validation_errors(overrides, message):
+    with pytest.raises(RegistryError, match=message):
+        resolve_configs("test-mean-linear", overrides)
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = {"head": "x", "train": {"lr": 1e-4, "seed": 0}}
+    assert config_hash(a) == config_hash({"train": {"seed": 0, "lr": 1e-4}, "head": "x"}) and len(config_hash(a)) == 12
+    assert config_hash(a) != config_hash({"head": "x", "train": {"lr": 1e-4, "seed": 1}})
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _fit_once(store, train_ids, train_y, val_ids, val_y, **over):
+    head_cfg, cfg = resolve_configs("test-mean-linear", {"epochs": 6, **over})
+    tr = VideoFeatures(store, train_ids, train_y, ("rgb",), frames=cfg.frames)
+    va = VideoFeatures(store, val_ids, val_y, ("rgb",), frames=cfg.frames)
+    head = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, cfg.seed)
+    out = fit(head, tr, va, cfg, torch.device("cpu"), progress=False)
+    return head, out, predict(head, va, torch.device("cpu"))
+
+
+def _split_ids(dataset):
+    root, store_path = dataset
+    manifest = load_manifest(root)
+    train, test = manifest.split(1)
+    return FeatureStore.open(store_path), train, test
+
+
+def test_fit_learns_is_deterministic_and_keeps_best_epoch(dataset):
+    store, train, test = _split_ids(dataset)
+    args = (store, [i.id for i in train], [i.label for i in train], [i.id for i in test], [i.label for i in test])
+    head, out, scores = _fit_once(*args)
+    acc = [r["val_accuracy"] for r in out["history"]]
+    assert out["best_val_accuracy"] == max(acc) and out["best_epoch"] == 1 + acc.index(max(acc))
+    assert (scores.argmax(1) == np.array(args[4])).mean() == out["best_val_accuracy"] > 0.8  # well above 1/3
+    assert any(m is not None and not m.all() for m in head.seen_masks)  # variable length reached the head masked
+    _, out2, scores2 = _fit_once(*args)
+    assert np.array_equal(scores, scores2)  # bitwise
+    assert [r["train_loss"] for r in out["history"]] == [r["train_loss"] for r in out2["history"]]
+    _, out3, _ = _fit_once(*args, seed="1")
+    assert [r["train_loss"] for r in out3["history"]] != [r["train_loss"] for r in out["history"]]
+
+
+def test_early_stopping_stops_after_patience(dataset):
+    store, train, test = _split_ids(dataset)
+    args = (store, [i.id for i in train], [i.label for i in train], [i.id for i in test], [i.label for i in test])
+    _, out, _ = _fit_once(*args, epochs="40", patience="2", lr="0.3")
+    assert out["epochs_run"] == out["best_epoch"] + 2 < 40
+
+
+@pytest.mark.parametrize("schedule, want", [("step", [0.1, 0.1, 0.01, 0.01]), ("cosine", None)])
+def test_lr_schedules(dataset, schedule, want):
+    store, train, test = _split_ids(dataset)
+    args = (store, [i.id for i in train], [i.label for i in train], [i.id for i in test], [i.label for i in test])
+    _, out, _ = _fit_once(*args, epochs="4", patience="0", lr="0.1", schedule=schedule, step_size="2")
+    lrs = [r["lr"] for r in out["history"]]
+    if want:
+        assert lrs == pytest.approx(want)
+    else:
+        assert lrs[0] == pytest.approx(0.1) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.1
+
+
+# ---------------------------------------------------------------------------------------------- stage and runs
+
+
+def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, monkeypatch):
+    import stages.train as st
+
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="test-mean-linear", streams=("rgb", "flow"),
+                      overrides=(("epochs", "3"),), out=str(tmp_path / "runs"))
+    res = st.train(job, progress=False, echo=lambda m: None)
+    assert not res.cached and res.path.name.startswith("test-mean-linear-")
+    files = {p.name for p in res.path.iterdir()}
+    assert files == {"config.json", "weights.safetensors", "metrics.json", "scores_val.npz", "scores_test.npz",
+                     "train_log.jsonl", "learning_curve.png", "confusion.png", COMPLETE}
+    m = json.loads((res.path / "metrics.json").read_text())
+    for key in ("accuracy", "hit@1", "hit@5", "map", "per_class_ap", "per_class_accuracy", "n_test", "fit_seconds",
+                "params"):
+        assert key in m
+    assert set(m["per_class_ap"]) == set(CLASSES) and m["n_test"] == 3 * 2 * 2 and m["params"] == (RGB + FLOW) * 3 + 3
+    assert m["n_train"] + m["n_val"] == 3 * 5 * 2 and m["n_val"] > 0
+    log = [json.loads(line) for line in (res.path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    test_npz = np.load(res.path / "scores_test.npz", allow_pickle=False)
+    assert test_npz["scores"].shape == (12, 3) and list(test_npz["classes"]) == CLASSES
+    val_npz = np.load(res.path / "scores_val.npz", allow_pickle=False)
+    assert set(val_npz["ids"]).isdisjoint(test_npz["ids"]) and len(val_npz["ids"]) == m["n_val"]
+    from safetensors.torch import load_file
+
+    assert set(load_file(res.path / "weights.safetensors")) == {"fc.weight", "fc.bias"}
+    assert json.loads((res.path / "config.json").read_text())["streams"] == ["rgb", "flow"]
+
+    # The same config again: no data is loaded, nothing is written.
+    monkeypatch.setattr(st, "VideoFeatures", lambda *a, **k: pytest.fail("a cached run loaded features"))
+    messages = []
+    mtime = (res.path / "metrics.json").stat().st_mtime_ns
+    again = st.train(job, progress=False, echo=messages.append)
+    assert again.cached and again.path == res.path and again.metrics == m
+    assert messages == [f"cached: {res.path}"] and (res.path / "metrics.json").stat().st_mtime_ns == mtime
+    # A different seed is a different run.
+    with pytest.raises(pytest.fail.Exception):
+        st.train(dataclasses.replace(job, seed=1), progress=False, echo=lambda m: None)
+
+
+def test_stage_redoes_an_unfinished_run_and_fits_sklearn_heads(dataset, tmp_path):
+    import stages.train as st
+
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="test-centroid", streams=("rgb",),
+                      out=str(tmp_path / "runs"))
+    res = st.train(job, progress=False, echo=lambda m: None)
+    assert res.metrics["accuracy"] > 0.8 and (res.path / "weights.npz").is_file()
+    w = np.load(res.path / "weights.npz", allow_pickle=False)
+    assert w["means_"].shape == (3, RGB) and res.metrics["params"] == 3 * RGB
+    (res.path / COMPLETE).unlink()  # as if killed before the end
+    (res.path / "stale.txt").write_text("left by the killed run")
+    res2 = st.train(job, progress=False, echo=lambda m: None)
+    assert not res2.cached and (res2.path / COMPLETE).is_file() and not (res2.path / "stale.txt").exists()
+
+
+def test_stage_missing_videos(tmp_path):
+    import stages.train as st
+
+    root, store_path = make_dataset(tmp_path, groups=4, clips=1, skip_in_store=("Beta/v_Beta_g03_c01.avi",))
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="test-centroid", out=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="1 of 6 videos of the training list"):
+        st.train(job, progress=False, echo=lambda m: None)
+    with pytest.warns(UserWarning, match="skipped"):
+        res = st.train(dataclasses.replace(job, allow_missing=True), progress=False, echo=lambda m: None)
+    assert res.metrics["n_train"] + res.metrics["n_val"] == 5
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_end_to_end_splits_cached_and_errors(dataset, tmp_path):
+    from cli.main import cli
+
+    root, store_path = dataset
+    # a second split (same lists) so that --splits has something to average
+    for kind in ("train", "test"):
+        (root / "splits" / f"{kind}list02.txt").write_text((root / "splits" / f"{kind}list01.txt").read_text())
+    out = tmp_path / "runs"
+    args = ["train", str(store_path), "--dataset", str(root), "--head", "test-mean-linear", "--streams", "rgb",
+            "--set", "epochs=2", "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(cli, args + ["--splits", "1,2"], standalone_mode=False, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 2 and all((p / COMPLETE).is_file() for p in runs)
+    summary = json.loads(next(out.glob("test-mean-linear-splits-*.json")).read_text())
+    accs = summary["accuracy"]["per_split"]
+    assert summary["splits"] == [1, 2] and summary["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert "+-" in r.output
+    r = CliRunner().invoke(cli, args + ["--split", "1"], standalone_mode=False, catch_exceptions=False)
+    assert "cached" in r.output
+    with pytest.raises(RegistryError, match="valid|head keys"):
+        CliRunner().invoke(cli, args[:-1] + ["--set", "bogus=1"], standalone_mode=False, catch_exceptions=False)
+    r = CliRunner().invoke(cli, ["heads", "test-*"], standalone_mode=False, catch_exceptions=False)
+    assert "test-mean-linear" in r.output and "dropout = 0.2" in r.output and "lr=0.05" in r.output
+
+
+def test_cli_user_error_is_one_line(dataset, tmp_path, capsys):
+    from cli.main import main
+
+    root, _ = dataset
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tmp_path / "nostore"), "--dataset", str(root), "--head", "test-mean-linear"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a feature store" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("head", ["ts-lstm", "temporal-inception"])
+def test_stage_runs_the_paper_heads(dataset, tmp_path, head):
+    """The default head of `make train` and the Temporal-ConvNet go through the whole stage (one epoch)."""
+    import pipeline.heads  # noqa: F401
+    import stages.train as st
+
+    if head not in HEADS:
+        pytest.skip(f"{head} is not registered yet")
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head=head, overrides=(("epochs", "1"),),
+                      out=str(tmp_path / "runs"))
+    res = st.train(job, progress=False, echo=lambda m: None)
+    cfg = json.loads((res.path / "config.json").read_text())
+    assert cfg["train"]["frames"] == 25 and cfg["streams"] == ["rgb", "flow"]  # paper: 25 frames, both streams
+    assert res.metrics["n_test"] == 12 and 0 <= res.metrics["accuracy"] <= 1 and res.metrics["params"] > 0
+
+
+def test_resolve_device():
+    from pipeline.training import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RegistryError, match="unknown device"):
+        resolve_device("tpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(RegistryError, match="no CUDA GPU"):
+            resolve_device("cuda")

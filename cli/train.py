@@ -49,8 +49,11 @@ def _parse_list(text: str | None, what: str, cast=str) -> list | None:
 @click.option("--seed", type=int, default=0, help="Seed of initial weights, batch order and validation carving.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Finished run whose weights initialise this head (network expansion, Ng et al. 3.3).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(store, dataset, split_dir, split, splits, head, streams, sets, out, seed, device, allow_missing, quiet):
+def train(store, dataset, split_dir, split, splits, head, streams, sets, out, seed, device, allow_missing, init_from,
+          quiet):
     """Train HEAD on the features in STORE for a split of DATASET; writes OUT/<head>-<hash>/."""
     import warnings
 
@@ -62,7 +65,7 @@ def train(store, dataset, split_dir, split, splits, head, streams, sets, out, se
     job = TrainJob(store=store, dataset=dataset, head=head, split=split,
                    streams=tuple(_parse_list(streams, "--streams")) if streams else None,
                    overrides=_parse_sets(sets), out=out, seed=seed, device=device,
-                   allow_missing=allow_missing, split_dir=split_dir)
+                   allow_missing=allow_missing, split_dir=split_dir, init_from=init_from)
     if splits:
         train_splits(job, _parse_list(splits, "--splits", int), progress=not quiet, echo=click.echo)
     else:

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via ``path.partial`` + fsync + rename."""
-    tmp = path.with_name(path.name + ".partial")
+    """Write ``text`` to ``path`` via a ``*.partial`` file + fsync + rename."""
+    # A name of its own per call (issue 9): shards started together all write store.json; a shared temporary
+    # name would let one rename the other's half-written file. Same config, same content, so the last one wins.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -160,8 +163,9 @@ class FeatureStore:
 
     @staticmethod
     def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str = "p",
-               commit_every: int = 16) -> StoreWriter:
-        return StoreWriter(Path(path), config, list(classes), name=name, commit_every=commit_every)
+               commit_every: int = 16, only_own: bool = False) -> StoreWriter:
+        return StoreWriter(Path(path), config, list(classes), name=name, commit_every=commit_every,
+                           only_own=only_own)
 
     # -- what it holds -------------------------------------------------------------------------------
     @property
@@ -189,6 +193,10 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def lengths(self, ids: Iterable[str]) -> list[int]:
+        """Stored frames T of each video (from the index: no data read)."""
+        return [b - a for _, a, b in (self._locate(v) for v in ids)]
 
     @property
     def fingerprint(self) -> str:
@@ -304,6 +312,15 @@ def read_errors(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def _committed_ids(parts: Iterable[Path]) -> list[str]:
+    """Video ids held by the committed ``parts`` (issue 9: a writer resuming from its own parts)."""
+    out: list[str] = []
+    for part in parts:
+        with h5py.File(part, "r") as f:
+            out += [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+    return out
+
+
 class StoreWriter:
     """Appends videos to a store, committing a part every ``commit_every`` videos and on close.
 
@@ -311,7 +328,8 @@ class StoreWriter:
     configs never mix. ``done`` holds the ids already committed (by any writer), so a rerun resumes.
     """
 
-    def __init__(self, path: Path, config: dict, classes: list[str], name: str = "p", commit_every: int = 16):
+    def __init__(self, path: Path, config: dict, classes: list[str], name: str = "p", commit_every: int = 16,
+                 only_own: bool = False):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"bad writer name {name!r}")
         self.path, self.name, self.commit_every = path, name, max(1, commit_every)
@@ -333,7 +351,12 @@ class StoreWriter:
             atomic_write_text(path / "store.json", json.dumps(header, indent=2, sort_keys=True))
         for stale in (path / "parts").glob(f"{name}-*.partial"):
             stale.unlink()  # work in flight of a killed writer of this name
-        self.done: set[str] = set(FeatureStore.open(path).ids()) if any((path / "parts").glob("*.h5")) else set()
+        # only_own (issue 9, shards): resume from this writer's own parts; scanning every part of a store of
+        # thousands of shards at the start of each shard would cost O(shards^2) file opens.
+        if only_own:
+            self.done: set[str] = set(_committed_ids(sorted((path / "parts").glob(f"{name}-*.h5"))))
+        else:
+            self.done = set(FeatureStore.open(path).ids()) if any((path / "parts").glob("*.h5")) else set()
         taken = [int(m.group(1)) for p in (path / "parts").glob(f"{name}-*.h5")
                  if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)\.h5", p.name))]
         self._seq = max(taken, default=-1) + 1

@@ -66,7 +66,7 @@ class TrainConfig:
             "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
             "schedule": self.schedule in ("none", "step", "cosine", "plateau"),
             "lr": self.lr > 0,
-            "epochs": self.epochs >= 1,
+            "epochs": self.epochs >= 0,  # 0: evaluate the initial (e.g. expanded) model as is
             "batch_size": self.batch_size >= 1,
             "val_fraction": 0 <= self.val_fraction < 1,
             "weight_decay": self.weight_decay >= 0,

@@ -22,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import pipeline.heads  # noqa: F401  (registers every head)
 from pipeline.datasets import load_manifest
 from pipeline.errors import UserError
-from pipeline.features import VideoFeatures, carve_validation, join
-from pipeline.metrics import classification_report
+from pipeline.clips import expand_network
+from pipeline.features import VideoFeatures, carve_validation, iter_batches, join
+from pipeline.metrics import classification_report, hit_at_k
 from pipeline.registry import HEADS
 from pipeline.runs import RunDir, write_summary
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, file_sha256
 from pipeline.training import (
     build_head,
     count_params,
@@ -60,6 +62,7 @@ class TrainJob:
     device: str = "auto"  # not part of the run hash: the same config on CPU or GPU names the same run
     allow_missing: bool = False
     split_dir: str | None = None
+    init_from: str | None = None  # a finished run whose weights initialise this head (Ng et al. 3.3 expansion)
 
 
 @dataclass
@@ -101,6 +104,8 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         "manifest_fingerprint": manifest.fingerprint(),
         "classes": manifest.classes,
     }
+    if job.init_from:
+        config["init_from"] = _init_source(job.init_from)
     run = RunDir(job.out, job.head, config)
     if run.complete:
         echo(f"cached: {run.path}")
@@ -125,6 +130,10 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     train_set, val_set = features(train_items), features(val_items)
     classes, device = manifest.classes, resolve_device(job.device)
     head = build_head(job.head, head_cfg, train_set.dim, len(classes), train_set.stream_dims, cfg.seed)
+    if job.init_from:
+        if entry.kind != "torch":
+            raise UserError(f"--init-from needs a torch head; {job.head} is {entry.kind}")
+        _expand_from(job.init_from, head, echo)
     echo(f"{run.name}: {job.head} on {'+'.join(streams)} ({train_set.dim} dims), split {job.split}: "
          f"{len(train_set)} train / {len(val_set)} val / {len(test_items)} test videos, "
          f"{'in memory' if train_set.in_memory else 'streamed'}, {device}")
@@ -144,6 +153,8 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     test_set = features(test_items)
     test_scores = score(test_set)
     metrics = classification_report(test_scores, test_set.labels, classes)
+    if hasattr(head, "clip_logits"):  # Karpathy Table 1 / Ng Table 1: clip and video Hit@k side by side
+        metrics["clip"] = clip_report(head, test_set, device, cfg.eval_batch_size)
     metrics.update({
         "head": job.head, "split": job.split, "streams": list(streams),
         "n_train": len(train_items), "n_val": len(val_items), "n_test": len(test_set),
@@ -166,6 +177,41 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     echo(f"{run.path}: accuracy {100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  "
          f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']})")
     return RunResult(run.path, metrics, cached=False)
+
+
+@torch.no_grad()
+def clip_report(head, data: VideoFeatures, device, batch_size: int) -> dict:
+    """Clip-level Hit@1 / Hit@5: every evaluation clip scored on its own against its video's label."""
+    head.eval().to(device)
+    scores, labels = [], []
+    for x, mask, y in iter_batches(data, batch_size):
+        logits, cmask = head.clip_logits(x.to(device).float(), None if mask is None else mask.to(device))
+        keep = cmask.cpu().reshape(-1)
+        scores.append(logits.float().cpu().reshape(-1, logits.shape[-1])[keep])
+        labels.append(y.repeat_interleave(logits.shape[1])[keep])
+    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    return {"hit@1": hit_at_k(s, y, 1), "hit@5": hit_at_k(s, y, 5), "n_clips": int(len(y))}
+
+
+def _init_source(run_dir: str) -> dict:
+    """What --init-from names, for the run hash: the source run and its weights' hash."""
+    weights = Path(run_dir) / "weights.safetensors"
+    if not weights.is_file():
+        raise UserError(f"--init-from {run_dir}: no weights.safetensors there (is it a finished torch run?)")
+    return {"run": Path(run_dir).name, "weights_sha256": file_sha256(weights)}
+
+
+def _expand_from(run_dir: str, head, echo) -> None:
+    """Network expansion (Ng et al. 3.3): copy the trained weights of a model over fewer frames."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(run_dir) / "weights.safetensors"))
+    try:
+        report = expand_network(state, head)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"--init-from {run_dir}: weights do not fit this head ({e})") from None
+    copied = sum(v == "copied" for v in report.values())
+    echo(f"initialised {copied} of {len(report)} tensors from {run_dir}")
 
 
 def train_splits(job: TrainJob, splits: list[int], progress: bool = True,

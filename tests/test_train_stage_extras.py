@@ -1,0 +1,45 @@
+"""Stage-two additions over the common trainer: clip-level Hit@k (Karpathy heads) and network expansion
+(``--init-from``, Ng et al. 3.3) through the stage, on the synthetic UCF101-layout dataset of test_training."""
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import pipeline.heads  # noqa: F401
+import stages.train as st
+from pipeline.errors import UserError
+from tests.test_training import make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def _job(dataset, tmp_path, head, *sets, **kw):
+    root, store = dataset
+    return st.TrainJob(store=str(store), dataset=str(root), head=head, streams=("rgb",),
+                       overrides=tuple(tuple(s.split("=", 1)) for s in sets), out=str(tmp_path / "runs"), **kw)
+
+
+def test_clip_and_video_hit_at_k_side_by_side(dataset, tmp_path):
+    job = _job(dataset, tmp_path, "single-frame", "epochs=2", "fc_dim=16", "tower_dims=16,16,16", "num_clips=3")
+    m = st.train(job, progress=False, echo=lambda _: None).metrics
+    assert m["clip"]["n_clips"] == 3 * m["n_test"]  # every evaluation clip scored on its own
+    assert 0 <= m["clip"]["hit@1"] <= 1 and 0 <= m["hit@1"] <= 1
+
+
+def test_init_from_copies_the_trained_weights(dataset, tmp_path):
+    small = st.train(_job(dataset, tmp_path, "late-pool", "epochs=1", "hidden=16", "frames=1"),
+                     progress=False, echo=lambda _: None)
+    msgs = []
+    big_job = _job(dataset, tmp_path, "late-pool", "epochs=0", "hidden=16", "frames=8", init_from=str(small.path))
+    big = st.train(big_job, progress=False, echo=msgs.append)
+    assert any("initialised" in m for m in msgs)
+    a, b = load_file(str(small.path / "weights.safetensors")), load_file(str(big.path / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # epochs=0: the expanded model is exactly the one loaded
+        assert np.array_equal(a[k].numpy(), b[k].numpy()), k
+    with pytest.raises(UserError, match="do not fit"):
+        st.train(_job(dataset, tmp_path, "late-pool", "epochs=0", "hidden=8", init_from=str(small.path)),
+                 progress=False, echo=lambda _: None)

@@ -27,12 +27,12 @@ view of the full-resolution crop and concatenates the two features (``2D``).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,15 @@ from pipeline.errors import UserError
 from pipeline.preprocess import foveated_views
 from pipeline.registry import BACKBONES
 
-__all__ = ["Backbone", "BackboneConfig", "build_backbone", "embedded_weights_path", "load_by_position",
-           "cross_modality_init", "file_sha256"]
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "build_backbone",
+    "cross_modality_init",
+    "embedded_weights_path",
+    "file_sha256",
+    "load_by_position",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,7 +97,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a corrupt file or a pickled module
+        except Exception as e:  # noqa: BLE001 (a corrupt file, a pickled module: any failure is the file's)
             raise UserError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
     for wrapper in ("state_dict", "model", "model_state"):  # common training-checkpoint layouts
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -134,25 +141,30 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def _load_weights(model: nn.Module, first_conv: str, weights: str, in_chans: int, name: str) -> None:
-    """Load RGB (or already ``in_chans``-channel) weights, then cross-modality init when the channels differ."""
+def _load_weights(model: nn.Module, first_conv: str, weights: str, in_chans: int, name: str) -> bool:
+    """Load RGB (or already ``in_chans``-channel) weights, then cross-modality init when the channels differ.
+
+    Returns whether the first conv was made by cross-modality initialisation.
+    """
     conv = _get_module(model, first_conv)
     if weights == "random":
         if in_chans != 3:
             cross_modality_init(conv, in_chans)
-        return
+        return in_chans != 3
     sd = read_state_dict(weights)
-    keys = list(model.state_dict())
-    pos = keys.index(first_conv + ".weight")
-    src_keys = list(sd)
-    src = sd.get(first_conv + ".weight", sd[src_keys[pos]] if pos < len(src_keys) else None)
-    if in_chans != 3 and src is not None and src.shape[1] == in_chans:
-        cross_modality_init(conv, in_chans)  # a flow-trained file: make room, then load it as is
-        load_by_position(model, sd, f"{name} weights {os.path.basename(weights)}")
-        return
-    load_by_position(model, sd, f"{name} weights {os.path.basename(weights)}")
+    source = f"{name} weights {os.path.basename(weights)}"
+    pos = list(model.state_dict()).index(first_conv + ".weight")
+    src = sd.get(first_conv + ".weight")
+    if src is None and pos < len(sd):
+        src = sd[list(sd)[pos]]
+    if in_chans != 3 and src is not None and src.dim() == 4 and src.shape[1] == in_chans:
+        cross_modality_init(conv, in_chans)  # a flow-trained file: make room, then load it as it is
+        load_by_position(model, sd, source)
+        return False
+    load_by_position(model, sd, source)
     if in_chans != 3:
         cross_modality_init(conv, in_chans)
+    return in_chans != 3
 
 
 # ------------------------------------------------------------------------------------------- network adapters
@@ -215,7 +227,11 @@ class Backbone(nn.Module):
         return list(foveated_views(x)) if self.foveated else [x]  # [B,C,S,S] -> 2 x [B,C,S/2,S/2]
 
     def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Last conv map ``[B, C', h, w]`` (foveated: context and fovea maps concatenated on channels)."""
+        """Last conv map ``[B, C', h, w]``.
+
+        Foveated: context and fovea maps concatenated on channels; a cell of the first half covers the whole
+        frame's region, one of the second half the centre's (the fovea is the middle half of the frame).
+        """
         return torch.cat([self.net.maps(v) for v in self._views(x)], dim=1)  # -> [B,C',h,w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +244,9 @@ class Backbone(nn.Module):
         for v in self._views(x):
             m = self.net.maps(v)  # [B,C,s,s] -> [B,C',h,w]
             feats.append(self.net.pool(m))  # -> [B,D]
+            if grid and m.dim() != 4:
+                raise UserError(f"--spatial-grid needs a convolutional map; {self.spec['name']} gives "
+                                f"{tuple(m.shape)}")
             if grid:
                 grids.append(F.adaptive_avg_pool2d(m, grid))  # -> [B,C',g,g]
         return torch.cat(feats, 1), (torch.cat(grids, 1) if grid else None)
@@ -275,7 +294,7 @@ class Backbone(nn.Module):
 def _finish(name: str, cfg: BackboneConfig, net: nn.Module, first_conv: str, weights: str, in_chans: int,
             feature_dim: int, map_channels: int, has_classifier: bool, foveated: bool, device: str,
             precision: str) -> Backbone:
-    _load_weights(net.model, first_conv, weights, in_chans, name)
+    cross_init = _load_weights(net.model, first_conv, weights, in_chans, name)
     if in_chans == 3:
         modality, mean, std = "rgb", tuple(cfg.mean), tuple(cfg.std)
     else:  # flow stacks: 128 = zero motion -> 0; the RGB stds' mean keeps the scale the filters saw (TSN)
@@ -288,7 +307,7 @@ def _finish(name: str, cfg: BackboneConfig, net: nn.Module, first_conv: str, wei
         "mean": list(mean), "std": list(std),
         "weights": os.path.basename(weights) if is_file else "random",
         "weights_sha256": file_sha256(weights) if is_file else None,
-        "cross_modality_init": in_chans != 3,
+        "cross_modality_init": cross_init,
         "foveated": foveated, "view_size": cfg.input_size // 2 if foveated else cfg.input_size,
         "feature_dim": feature_dim * (2 if foveated else 1), "precision": precision,
     }
@@ -358,7 +377,7 @@ def _download(name: str, fetch: Callable[[], str]) -> str:
     """The library's own download into its cache (explicit ``weights="download"``); returns the cached file."""
     try:
         return fetch()
-    except Exception as e:  # no network, proxy, hub error
+    except Exception as e:  # noqa: BLE001 (no network, proxy, hub errors of two libraries)
         raise UserError(f"could not download weights for {name} ({type(e).__name__}: {e}); "
                         f"pass a local file with --weights FILE") from None
 
@@ -373,17 +392,14 @@ DEFAULT_CONFIGS = {
 def _timm_config(arch: str) -> BackboneConfig:
     """Preprocessing of a timm model from its ``pretrained_cfg`` (resize = floor(size / crop_pct), as timm)."""
     import timm
-    try:
-        pc = timm.models.get_pretrained_cfg(arch)
-    except Exception:
-        pc = None
+    pc = timm.models.get_pretrained_cfg(arch)  # None for a model without a pretrained config
     if pc is None:
         if not timm.is_model(arch):
             raise UserError(f"unknown timm model {arch!r}; see timm.list_models()")
         return BackboneConfig(arch)
     pc = pc.to_dict() if hasattr(pc, "to_dict") else dict(pc)
     size = int(pc.get("input_size", (3, 224, 224))[-1])
-    return BackboneConfig(arch, size, int(math.floor(size / float(pc.get("crop_pct") or 0.875))),
+    return BackboneConfig(arch, size, math.floor(size / float(pc.get("crop_pct") or 0.875)),
                           pc.get("interpolation") or "bicubic", tuple(pc.get("mean") or IMAGENET_MEAN),
                           tuple(pc.get("std") or IMAGENET_STD))
 
@@ -418,7 +434,7 @@ def build_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise UserError(f"precision must be fp32, bf16 or auto; got {precision!r}")
-    kw = dict(foveated=foveated, device=device, precision=precision)
+    kw = {"foveated": foveated, "device": device, "precision": precision}
     if name.startswith("timm:"):
         arch = name[len("timm:"):]
         cfg = _timm_config(arch)

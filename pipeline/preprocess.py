@@ -16,15 +16,24 @@ side); each view has a quarter of the pixels, so the pair costs about half a ful
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "TTA_VIEWS", "to_float_chw", "resize_shorter", "center_crop", "five_crop", "hflip", "normalize",
-    "tta_views", "view_flips", "preprocess", "foveated_views",
+    "TTA_VIEWS",
+    "center_crop",
+    "five_crop",
+    "foveated_views",
+    "hflip",
+    "normalize",
+    "preprocess",
+    "resize_shorter",
+    "to_float_chw",
+    "tta_views",
+    "view_flips",
 ]
 
 #: number of views each test-time augmentation yields
@@ -70,7 +79,7 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"cannot crop {size}x{size} from {h}x{w}")
-    return _crop(x, int(round((h - size) / 2.0)), int(round((w - size) / 2.0)), size)
+    return _crop(x, round((h - size) / 2.0), round((w - size) / 2.0), size)
 
 
 def five_crop(x: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -16,8 +16,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-data": ("cli.extract", "demo_data", "Write the demo dataset (UCF101 layout) to DIR."),
     "extract": ("cli.extract", "extract", "Stage one: videos -> HDF5 feature store (resumable)."),
     "info": ("cli.extract", "info", "What a feature store holds."),
+    "merge": ("cli.merge", "merge", "Verify the shards of a sharded store and write its index."),
     "train": ("cli.train", "train", "Stage two: train a head on cached features."),
     "heads": ("cli.train", "heads", "List registered heads and their config keys."),
+    "finetune": ("cli.finetune", "finetune", "Fine-tune the rgb or flow stream CNN before extraction (resumable)."),
+    "flow": ("cli.finetune", "flow", "Cache uint8 optical flow images per video for fine-tuning (resumable)."),
+    "sweep": ("cli.sweep", "sweep", "Stage two, many runs: a sweep file of heads and grids (resumable)."),
+    "report": ("cli.sweep", "report", "Leaderboard and HTML report over finished runs."),
+    "fuse": ("cli.sweep", "fuse", "Fuse the per-video scores of finished runs (weights by cross-validation)."),
 }
 
 

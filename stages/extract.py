@@ -249,6 +249,11 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     # --- end shards ---
     device = resolve_device(opts.device)
     decoder = choose_backend(cfg.decoder, device)
+    # --- fine-tuned checkpoints (issue 8): refuse one made for other flow settings or another backbone ---
+    from stages.finetune import check_checkpoints
+
+    check_checkpoints(cfg)
+    # --- end fine-tuned checkpoints ---
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)

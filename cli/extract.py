@@ -84,10 +84,16 @@ def _flow_params(items):
 @click.option("--retry-failed", is_flag=True, help="Try only the videos in the errors file again.")
 @click.option("--commit-every", type=int, default=8, show_default=True, help="Videos per committed part.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+# --- scale-out (issue 9, stages/distributed.py) ---
+@click.option("--shard", default=None, help="Only slice I/N of the manifest, 0-based (0/16 .. 15/16), for job arrays.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: every shard as a Ray task (pip install 'twostream[ray]').")
+@click.option("--address", default=None, help="Ray cluster address (auto: the one `ray start` made); default local.")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Videos per shard with --engine ray.")
 def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames, all_frames, backbone, weights,
             flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, spatial_grid,
             foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
-            quiet):
+            quiet, shard, engine, address, shard_size):
     """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable)."""
     from stages.extract import ExtractConfig, RunOptions, extract as run_extract
 
@@ -101,6 +107,17 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder)
     opts = RunOptions(device=device, batch_size=batch_size, workers=workers, timeout=timeout, limit=limit,
                       retry_failed=retry_failed, commit_every=commit_every, progress=not quiet)
+    if engine == "ray":
+        _extract_ray(dataset, out, cfg, opts, shard, address, shard_size, split_dir, csv_path, quiet)
+        return
+    if address:
+        raise click.UsageError("--address is for --engine ray")
+    if shard is not None:
+        from dataclasses import replace
+
+        from stages.distributed import parse_shard
+
+        opts = replace(opts, shard=parse_shard(shard))
     s = run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path)
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
     click.echo(f"done {s.done}, skipped {s.skipped} (already in store), failed {s.failed} of {s.total} "
@@ -109,6 +126,23 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
     if len(s.failures) > 10:
         click.echo(f"  ... and {len(s.failures) - 10} more in {s.store}/errors.jsonl", err=True)
+
+
+def _extract_ray(dataset, out, cfg, opts, shard, address, shard_size, split_dir, csv_path, quiet):
+    from stages.distributed import run_ray
+
+    if shard is not None:
+        raise click.UsageError("--shard runs one slice; --engine ray runs them all: give one of them")
+    s = run_ray(dataset, out, cfg, opts, shard_size=shard_size, address=address, split_dir=split_dir, csv=csv_path,
+                progress=not quiet)
+    click.echo(f"shards: done {s.done}, skipped {s.skipped} (already committed), not complete {s.incomplete}, "
+               f"failed {len(s.failed)} of {s.shards}; videos done {s.videos_done}, failed {s.videos_failed} "
+               f"in {s.wall:.1f}s; store: {s.store}")
+    for f in s.failed[:10]:
+        click.echo(f"  shard {f['shard']} failed: {f['error']}", err=True)
+    if s.failed:
+        raise SystemExit(1)
+# --- end scale-out ---
 
 
 @click.command("info")

@@ -1,0 +1,17 @@
+"""``twostream merge STORE``: verify every shard of a sharded store and write its index (issue 9)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("merge")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--checksums", is_flag=True, help="Also compare every part's sha256 with its shard manifest (reads all).")
+def merge(store, checksums):
+    """Verify the shards of STORE against their manifests and the parts present; write STORE/index.json."""
+    from stages.distributed import merge as run_merge
+
+    r = run_merge(store, checksums=checksums)
+    click.echo(f"verified {r['shards']} shards of a {r['manifest_videos']}-video manifest: {r['videos']} videos "
+               f"in {r['parts']} parts, {r['failed']} failed (see errors.jsonl); wrote {r['index']}")

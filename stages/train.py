@@ -142,7 +142,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.start()
     if entry.kind == "sklearn":
         fitted = fit_sklearn(head, train_set, val_set)
-        score = lambda data: predict_sklearn(head, data)
+        score = lambda data: predict_sklearn(head, data, len(classes))
     else:
         fitted = fit(head, train_set, val_set, cfg, device, on_epoch=run.log, progress=progress)
         score = lambda data: predict(head, data, device, cfg.eval_batch_size)

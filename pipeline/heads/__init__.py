@@ -12,5 +12,6 @@ from pipeline.heads import (  # noqa: F401  (imported for registration)
     fusion_net,
     stream_lstm,
 )
+from pipeline import baselines  # noqa: F401,E402  (kernel baselines: svm, svm-ef, svm-lf, svm-mkl)
 from pipeline.heads.base import Head  # noqa: F401
 from pipeline.registry import HEADS  # noqa: F401

@@ -20,13 +20,14 @@ steps (Eq. 5), and on the fusion layer additionally ``lambda2/2 ||W^E||_{2,1} + 
 Choices the paper leaves open, made here: sigmoid hidden units (Section 3.3 names the sigmoid as the source of
 non-convexity); the squared loss is halved and averaged over the mini-batch (with a sum over N videos, lr 0.7
 would diverge); Phi(W) = ||W||_F^2 / 2 over weights, not biases; each stream's pooled vector is rescaled to unit
-RMS (``normalize``) so that sigmoid units do not saturate on raw FC activations; Glorot initialisation
-with the sigmoid gain of 4. The loss is therefore not the
-trainer's cross-entropy: ``loss`` is overridden, and the trainer must use weight_decay 0 (``train_defaults``).
+RMS (``normalize``) so that sigmoid units do not saturate on raw FC activations; Glorot initialisation with
+the sigmoid gain of 4. The loss is not the trainer's cross-entropy: ``loss`` is overridden, and lambda1 lives in
+it, so the trainer must use weight_decay 0 (as ``train_defaults`` says).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,11 +38,12 @@ from pipeline.heads.base import Head, masked_mean
 from pipeline.prox import prox_fusion_layer
 from pipeline.registry import HEADS
 
-__all__ = ["FusionNet", "EarlyFusionNet", "LateFusionNet", "FusionNetConfig", "FusionMLPConfig"]
+__all__ = ["EarlyFusionNet", "FusionMLPConfig", "FusionNet", "FusionNetConfig", "LateFusionNet"]
 
 # Section 4.1.2 gives lr 0.7 and lambda1 3e-5. Plain gradient steps (Eq. 5: W <- W - eta G), so no momentum.
 # The paper gives neither batch size nor epochs: 100 videos a batch and 100 epochs are our choice.
-_TRAIN_DEFAULTS = dict(optimizer="sgd", lr=0.7, weight_decay=0.0, momentum=0.0, epochs=100, batch_size=100)
+_TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.7, "weight_decay": 0.0, "momentum": 0.0, "epochs": 100,
+                   "batch_size": 100}
 
 
 def _pool_streams(x: torch.Tensor, mask: torch.Tensor | None, stream_dims, normalize: bool) -> list[torch.Tensor]:
@@ -56,7 +58,7 @@ def _pool_streams(x: torch.Tensor, mask: torch.Tensor | None, stream_dims, norma
 def _mlp(dims: list[int]) -> nn.Sequential:
     """Linear + sigmoid layers through ``dims`` (hidden layers of Wu et al.'s networks)."""
     layers = []
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.Sigmoid()]
     return nn.Sequential(*layers)
 
@@ -68,7 +70,7 @@ class _SquaredLossHead(Head):
 
     def _init_weights(self) -> None:
         """Glorot-uniform with gain 4, the sigmoid-unit initialisation of Glorot & Bengio (2010); PyTorch's
-        default is four times smaller and leaves these sigmoid / squared-loss networks on a long plateau."""
+        default is several times smaller and leaves these sigmoid / squared-loss networks on a long plateau."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight, gain=4.0)

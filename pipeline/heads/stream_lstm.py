@@ -18,6 +18,7 @@ padding after the last valid frame (mask False at the end) does not change the s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +38,7 @@ class _LSTMStack(nn.Module):
     def __init__(self, input_dim: int, hidden: tuple[int, ...], num_classes: int):
         super().__init__()
         dims = (input_dim, *hidden)
-        self.layers = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in itertools.pairwise(dims))
         self.classifier = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, T, C]
@@ -101,8 +102,8 @@ class StreamLSTMConfig:
     loss_steps: str = "all"  # "all": label on every valid step; "last": on the last one only
     # Section 4.1.2: mini-batch 10, lr 1e-4, momentum 0.9, stopped after 150K iterations (1.5M videos seen,
     # about 157 epochs of UCF-101 split 1's 9,537 training videos).
-    train_defaults: ClassVar[dict] = dict(optimizer="sgd", lr=1e-4, momentum=0.9, weight_decay=0.0,
-                                          batch_size=10, epochs=157)
+    train_defaults: ClassVar[dict] = {"optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0,
+                                          "batch_size": 10, "epochs": 157}
 
 
 @HEADS.register("stream-lstm", StreamLSTMConfig)

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_data import write_demo_dataset  # noqa: E402
-from pipeline.datasets import load_manifest  # noqa: E402
-from pipeline.sampling import Sampling  # noqa: E402
-from stages.extract import ExtractConfig, _build_streams, _embed, prepare_video, store_config  # noqa: E402
+from pipeline.datasets import load_manifest
+from pipeline.demo_data import write_demo_dataset
+from pipeline.sampling import Sampling
+from stages.extract import ExtractConfig, _build_streams, _embed, prepare_video, store_config
 
 
 def ucf_like_clip(path: Path, seconds: float = 7.0, fps: int = 25) -> Path:

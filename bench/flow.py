@@ -8,6 +8,7 @@ CPU-second of this process (with one thread: pairs/s on an idle core); on a GPU 
 
     python bench/flow.py                      # 340x256 and 320x240, batch 1/8/32/128, eager and compiled
     python bench/flow.py --quick              # 340x256 only, 8 pairs, batch 1 and 8
+    python bench/flow.py --batch-sizes 1,8 --pairs 8 --compile no --rounds 3   # batch-1 ratio, robust to load
     python bench/flow.py --device cuda --batch-sizes 32,128,512
 """
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> None:
     ap.add_argument("--compile-batch-sizes", default="1", help="batch sizes to time compiled (each new batch "
                     "shape recompiles; dynamic shapes specialise 1)")
     ap.add_argument("--wall", action="store_true", help="time wall clock instead of CPU time (GPU runs)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate OpenCV and ours this many times; "
+                    "ratios are per round, medians printed")
     ap.add_argument("--no-reference", action="store_true", help="skip Brox, DIS and Farneback")
     args = ap.parse_args()
     if args.quick:
@@ -117,22 +120,32 @@ def main() -> None:
         print(f"\n## {size[0]}x{size[1]} ({n} pairs: ~4 px and ~10 px known fields)\n")
         print("| method | batch | pairs/s | x OpenCV | EPE | EPE / OpenCV's | note |")
         print("|---|---|---|---|---|---|---|")
-        ref, t_ref = timed(compute_flow, prev, nxt, "tvl1-opencv")
-        r_rate, r_epe = n / t_ref, epe(ref, gt)
-        print(f"| OpenCV DualTVL1 | 1 | {r_rate:.2f} | 1.00 | {r_epe:.3f} | 1.00 | reference |")
-        for comp in compiles:
-            note = ""
-            if comp:  # compile on one pair, outside the timing
-                _, t_c = timed(compute_flow, prev[:1], nxt[:1], "tvl1", device=args.device, compile=True)
-                note = f"torch.compile; first call {t_c:.0f} s"
-            for bs in (compile_bs if comp else batch_sizes):
+        # Rounds alternate OpenCV and ours on the same pairs; a ratio is taken within each round (both sides saw
+        # about the same machine load) and the median over rounds is printed.
+        runs = [(comp, bs) for comp in compiles for bs in (compile_bs if comp else batch_sizes)]
+        notes = {}
+        if True in compiles:  # compile on one pair, outside the timing
+            _, t_c = timed(compute_flow, prev[:1], nxt[:1], "tvl1", device=args.device, compile=True)
+            notes[True] = f"torch.compile; first call {t_c:.0f} s"
+        ref_rates, rates, ratios, outs = [], {}, {}, {}
+        for _ in range(args.rounds):
+            ref, t_ref = timed(compute_flow, prev, nxt, "tvl1-opencv")
+            ref_rates.append(n / t_ref)
+            for comp, bs in runs:
                 m = min(n, max(bs, 8 if bs == 1 else bs))  # batch 1: 8 pairs are enough to time
-                out, t = timed(compute_flow, prev[:m], nxt[:m], "tvl1", device=args.device, batch_size=bs,
-                                 compile=comp)
-                rate, e = m / t, epe(out, gt[:m])
-                e_ref = epe(ref[:m], gt[:m])
-                name = "tvl1 (ours, compiled)" if comp else "tvl1 (ours, eager)"
-                print(f"| {name} | {bs} | {rate:.2f} | {rate / r_rate:.2f} | {e:.3f} | {e / e_ref:.2f} | {note} |")
+                outs[comp, bs], t = timed(compute_flow, prev[:m], nxt[:m], "tvl1", device=args.device,
+                                          batch_size=bs, compile=comp)
+                rates.setdefault((comp, bs), []).append(m / t)
+                ratios.setdefault((comp, bs), []).append(m / t / ref_rates[-1])  # against this round's OpenCV
+        r_rate, r_epe = float(np.median(ref_rates)), epe(ref, gt)
+        print(f"| OpenCV DualTVL1 | 1 | {r_rate:.2f} | 1.00 | {r_epe:.3f} | 1.00 | reference, "
+              f"{args.rounds} round(s) |")
+        for comp, bs in runs:
+            m = min(n, max(bs, 8 if bs == 1 else bs))
+            rate, ratio = float(np.median(rates[comp, bs])), float(np.median(ratios[comp, bs]))
+            e, e_ref = epe(outs[comp, bs], gt[:m]), epe(ref[:m], gt[:m])
+            name = "tvl1 (ours, compiled)" if comp else "tvl1 (ours, eager)"
+            print(f"| {name} | {bs} | {rate:.2f} | {ratio:.2f} | {e:.3f} | {e / e_ref:.2f} | {notes.get(comp, '')} |")
         if args.no_reference:
             continue
         m = min(n, 8)

@@ -95,7 +95,8 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
             foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
             quiet, shard, engine, address, shard_size):
     """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable)."""
-    from stages.extract import ExtractConfig, RunOptions, extract as run_extract
+    from stages.extract import ExtractConfig, RunOptions
+    from stages.extract import extract as run_extract
 
     if rgb_checkpoint and weights:
         raise click.UsageError("give --weights or --rgb-checkpoint, not both")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.errors import UserError
 

@@ -76,7 +76,7 @@ def _decode_pyav(path: Path, indices: np.ndarray | None) -> Decoded:
 
     try:
         container = av.open(str(path))
-    except Exception as e:  # av raises many error classes for non-videos
+    except Exception as e:  # noqa: BLE001 - av raises many error classes for non-videos
         raise DecodeError(f"not a readable video ({type(e).__name__}: {e})") from None
     with container:
         if not container.streams.video:
@@ -84,7 +84,7 @@ def _decode_pyav(path: Path, indices: np.ndarray | None) -> Decoded:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        wanted = None if indices is None else set(int(i) for i in indices)
+        wanted = None if indices is None else {int(i) for i in indices}
         kept: dict[int, np.ndarray] = {}
         n = 0
         try:
@@ -106,7 +106,7 @@ def _decode_decord(path: Path, indices: np.ndarray | None) -> Decoded:
 
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - decord raises its own DECORDError and others
         raise DecodeError(f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     n = len(vr)
     if n == 0:

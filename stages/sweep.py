@@ -28,15 +28,13 @@ reported and the sweep goes on.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import time
 import traceback
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,23 +263,6 @@ class FeatureCache:
             self._manifests[key] = load_manifest(root, split_dir)
         return self._manifests[key]
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[FeatureCache]:
-        """Make ``stages.train`` open stores and manifests through this cache for the duration of the block.
-
-        ``stages.train.train`` opens its store with ``FeatureStore.open`` and its dataset with ``load_manifest``;
-        both names are swapped in that module only (restored on exit), so the training code runs unchanged.
-        """
-        import stages.train as st
-
-        saved = st.FeatureStore, st.load_manifest
-        st.FeatureStore = types.SimpleNamespace(open=self.open_store)
-        st.load_manifest = self.load_manifest
-        try:
-            yield self
-        finally:
-            st.FeatureStore, st.load_manifest = saved
-
 
 # ---------------------------------------------------------------------------------------------- workers
 
@@ -309,8 +290,8 @@ def _run_one(job) -> dict:
         job = dataclasses.replace(job, device=_WORKER["device"])
     t0 = time.perf_counter()
     try:
-        with cache.installed():
-            res = train(job, progress=False, echo=lambda msg: None)
+        res = train(job, progress=False, echo=lambda msg: None, open_store=cache.open_store,
+                    open_manifest=cache.load_manifest)
     except Exception as e:  # noqa: BLE001  (a failing run is reported, the sweep goes on)
         return {"status": "failed", "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=-4), "pid": os.getpid()}

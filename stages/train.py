@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import pipeline.heads  # noqa: F401  (registers every head)
+from pipeline.clips import expand_network
 from pipeline.datasets import load_manifest
 from pipeline.errors import UserError
-from pipeline.clips import expand_network
 from pipeline.features import VideoFeatures, carve_validation, iter_batches, join
 from pipeline.metrics import classification_report, hit_at_k
 from pipeline.registry import HEADS
@@ -82,11 +82,13 @@ def _echo(msg: str) -> None:
     print(msg)
 
 
-def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo) -> RunResult:
+def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
+          open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
+    """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
     entry = HEADS.get(job.head)
     head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
-    store = FeatureStore.open(job.store)
-    manifest = load_manifest(job.dataset, job.split_dir)
+    store = open_store(job.store)
+    manifest = open_manifest(job.dataset, job.split_dir)
     streams = tuple(job.streams) if job.streams else default_streams(store.streams)
     missing = [s for s in streams if s not in store.streams]
     if missing:
@@ -190,7 +192,7 @@ def clip_report(head, data: VideoFeatures, device, batch_size: int) -> dict:
         scores.append(logits.float().cpu().reshape(-1, logits.shape[-1])[keep])
         labels.append(y.repeat_interleave(logits.shape[1])[keep])
     s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
-    return {"hit@1": hit_at_k(s, y, 1), "hit@5": hit_at_k(s, y, 5), "n_clips": int(len(y))}
+    return {"hit@1": hit_at_k(s, y, 1), "hit@5": hit_at_k(s, y, 5), "n_clips": len(y)}
 
 
 def _init_source(run_dir: str) -> dict:

@@ -46,7 +46,7 @@ def tiny_dataset(tmp_path_factory):
 def run_cli_subprocess(*args) -> tuple[int, str]:
     """Run the CLI in a subprocess (exit codes and stderr exactly as a user sees them)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True, env=env, check=False,
                        cwd=ROOT, timeout=600)
     return p.returncode, p.stdout + p.stderr
 

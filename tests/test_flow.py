@@ -15,7 +15,7 @@ from pipeline.flow import (
     stack_pair_indices,
     tvl1,
 )
-from pipeline.flow.tvl1 import _MED25, median5
+from pipeline.flow.tvl1 import _SORT5_NET, _merge, median5
 
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
@@ -172,25 +172,49 @@ def test_default_params_are_complete():
         assert isinstance(default_params(m), dict) and default_params(m)
 
 
+def _median_ref(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ref = torch.nn.functional.pad(x.reshape(-1, 1, h, w), (2, 2, 2, 2), mode="replicate")
+    return ref.unfold(2, 5, 1).unfold(3, 5, 1).reshape(-1, h, w, 25).median(-1).values.reshape(x.shape)
+
+
 def test_median5_is_exact():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 17, 13, generator=g)
     x[0, 0, :5, :5] = 1.0  # ties
-    ref = torch.nn.functional.pad(x.reshape(-1, 1, 17, 13), (2, 2, 2, 2), mode="replicate")
-    ref = ref.unfold(2, 5, 1).unfold(3, 5, 1).reshape(6, 17, 13, 25).median(-1).values.reshape(x.shape)
-    assert torch.equal(median5(x), ref)
+    assert torch.equal(median5(x), _median_ref(x))
     cv = cv2.medianBlur(x[1, 2].numpy(), 5)  # OpenCV's 5x5 median on float (replicated border)
     assert np.array_equal(median5(x[1, 2]).numpy(), cv)
+    for h, w in ((1, 1), (2, 3), (5, 5), (16, 12), (9, 30), (31, 31)):  # odd / even widths, tiny images
+        x = torch.randn(2, h, w, generator=g)
+        assert torch.equal(median5(x), _median_ref(x)), (h, w)
+        b = (torch.rand(4, h, w, generator=g) < 0.5).float()  # 0/1 images: every window pattern near the median
+        assert torch.equal(median5(b), _median_ref(b)), (h, w)
+    b = (torch.rand(2, 64, 65, generator=g) < 0.5).float()
+    assert torch.equal(median5(b), _median_ref(b))
 
 
-def test_median_network_zero_one_principle():
-    """A comparator network selects the median of 25 iff it does so for every 0/1 input; check a random 2^16."""
-    g = np.random.default_rng(0)
-    bits = g.integers(0, 2, size=(25, 1 << 16), dtype=np.uint8)
-    v = list(bits)
-    for i, j in _MED25:
+def _apply(net, v):
+    for i, j in net:
         v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
-    assert np.array_equal(v[12], (bits.sum(0) >= 13).astype(np.uint8))
+    return v
+
+
+def test_median_networks_zero_one_principle():
+    """The comparator networks sort for every 0/1 input (0-1 principle; exhaustive): the 5-sort on all 2^5
+    inputs, Batcher's merge (any lengths) on all pairs of sorted 0/1 lists."""
+    bits = ((np.arange(32)[None] >> np.arange(5)[:, None]) & 1).astype(np.uint8)  # [5, 32]
+    v = _apply(_SORT5_NET, list(bits))
+    assert (np.diff(np.stack(v), axis=0) >= 0).all()
+    for m, n in ((5, 5), (10, 10), (20, 5), (3, 7), (1, 4), (6, 1)):
+        net: list = []
+        order = _merge(list(range(m)), list(range(m, m + n)), net)
+        assert sorted(order) == list(range(m + n))
+        for i in range(m + 1):
+            for j in range(n + 1):
+                v = [0] * (m - i) + [1] * i + [0] * (n - j) + [1] * j  # two sorted 0/1 lists
+                out = [_apply(net, v)[o] for o in order]
+                assert out == sorted(out), (m, n, i, j)
 
 
 def test_flow_images_round_trip_and_clipping():

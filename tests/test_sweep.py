@@ -167,26 +167,19 @@ def test_cache_hits_and_misses_one_changed_parameter_retrains_one_run(dataset, s
 def test_worker_cache_loads_features_once(dataset):
     _, store = dataset
     cache = FeatureCache(cache_gb=1.0)
-    with cache.installed():
-        import stages.train as st
-
-        a = st.FeatureStore.open(store)
-        b = st.FeatureStore.open(str(store))
-        assert a is b and cache.misses == 1 and cache.hits == 1
-        plain = FeatureStore.open(store)
-        ids = plain.ids()[:3]
-        for x, y in zip(a.load("rgb", ids), plain.load("rgb", ids)):
-            np.testing.assert_array_equal(x, y)
-        assert cache.used == len(plain.ids()) * 8 * 6 * 2  # the rgb stream, float16, held once
-        assert a.fingerprint == plain.fingerprint and a.streams == plain.streams and len(a) == len(plain)
-    import stages.train as st
-
-    assert st.FeatureStore is FeatureStore  # restored
+    a = cache.open_store(store)
+    b = cache.open_store(str(store))
+    assert a is b and cache.misses == 1 and cache.hits == 1
+    plain = FeatureStore.open(store)
+    ids = plain.ids()[:3]
+    for x, y in zip(a.load("rgb", ids), plain.load("rgb", ids)):
+        np.testing.assert_array_equal(x, y)
+    assert cache.used == len(plain.ids()) * 8 * 6 * 2  # the rgb stream, float16, held once
+    assert a.fingerprint == plain.fingerprint and a.streams == plain.streams and len(a) == len(plain)
     small = FeatureCache(cache_gb=0)  # over budget: read from the store every time, same numbers
-    with small.installed():
-        s = st.FeatureStore.open(store)
-        np.testing.assert_array_equal(s.get(ids[0], "flow"), plain.get(ids[0], "flow"))
-        assert small.used == 0
+    s = small.open_store(store)
+    np.testing.assert_array_equal(s.get(ids[0], "flow"), plain.get(ids[0], "flow"))
+    assert small.used == 0
 
 
 @pytest.mark.slow  # two spawned workers each import torch: ~10 s on an idle machine, more on a busy one

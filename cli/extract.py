@@ -122,7 +122,7 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
     s = run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path)
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
     click.echo(f"done {s.done}, skipped {s.skipped} (already in store), failed {s.failed} of {s.total} "
-               f"in {s.wall:.1f}s ({parts}); store: {s.store}")
+               f"in {s.wall:.1f}s{f' ({parts})' if parts else ''}; store: {s.store}")
     for f in s.failures[:10]:
         click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
     if len(s.failures) > 10:

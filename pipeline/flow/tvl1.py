@@ -220,9 +220,11 @@ _COMPILED: dict[str, object] = {}
 def _kernels(compile: bool):
     """The hot iteration, eager or through ``torch.compile`` (compiled once per process, dynamic shapes).
 
-    Optional and off by default: on this CPU the compiled in-place iteration ran at 1.05x OpenCV's rate against
-    eager's 1.68x (bench/flow.py, 340x256), each new batch shape recompiles, and inductor turned the median
-    network into a slower kernel than eager's (150 ms vs 90 ms), so the median always runs eager.
+    Optional and off by default: on this 2-core CPU (1 thread, 340x256, batch 1, bench/flow.py) the compiled
+    iteration ran at 1.11x OpenCV's rate against eager's 2.52x in the same run (first call 17 s); static shapes
+    per pyramid level (``dynamic=False``) reached 0.76x eager, a copy-returning iteration compiled static 0.80x.
+    Each new batch shape recompiles, and inductor turned the median network into a slower kernel than eager's
+    (77 ms vs 30 ms for the old 25-input network), so the median always runs eager.
     """
     if not compile:
         return _tvl1_iteration, _median_

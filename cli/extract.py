@@ -119,10 +119,14 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         from stages.distributed import parse_shard
 
         opts = replace(opts, shard=parse_shard(shard))
-    s = run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path)
+    print_summary(run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path), "in store", "store")
+
+
+def print_summary(s, skipped_why: str, what: str) -> None:
+    """The end-of-run summary of an extraction-like stage: counts, time per part, the first failures."""
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
-    click.echo(f"done {s.done}, skipped {s.skipped} (already in store), failed {s.failed} of {s.total} "
-               f"in {s.wall:.1f}s{f' ({parts})' if parts else ''}; store: {s.store}")
+    click.echo(f"done {s.done}, skipped {s.skipped} (already {skipped_why}), failed {s.failed} of {s.total} "
+               f"in {s.wall:.1f}s{f' ({parts})' if parts else ''}; {what}: {s.store}")
     for f in s.failures[:10]:
         click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
     if len(s.failures) > 10:

@@ -89,11 +89,6 @@ def flow(dataset, out, split_dir, csv_path, flow_method, flow_param, flow_bound,
     cfg = FlowCacheConfig(method=flow_method, params=_flow_params(flow_param), bound=flow_bound, decoder=decoder)
     opts = RunOptions(device=device, workers=workers, timeout=timeout, limit=limit, retry_failed=retry_failed,
                       progress=not quiet)
-    s = flow_cache(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path)
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
-    click.echo(f"done {s.done}, skipped {s.skipped} (already cached), failed {s.failed} of {s.total} "
-               f"in {s.wall:.1f}s ({parts}); cache: {s.store}")
-    for f in s.failures[:10]:
-        click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
-    if len(s.failures) > 10:
-        click.echo(f"  ... and {len(s.failures) - 10} more in {s.store}/errors.jsonl", err=True)
+    from cli.extract import print_summary
+
+    print_summary(flow_cache(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path), "cached", "cache")

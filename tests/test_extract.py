@@ -51,23 +51,6 @@ def run_cli_subprocess(*args) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-@pytest.fixture
-def run_cli(capfd):
-    """Run the CLI in this process (saves a torch import per call); returns (exit code, stdout + stderr)."""
-
-    def run(*args):
-        capfd.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capfd.readouterr()
-        return code, out + err
-
-    return run
-
-
 FAST = ["--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
 
 

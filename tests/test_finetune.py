@@ -44,21 +44,6 @@ L = 3
 FLOW = ["--flow", "farneback", "--flow-bound", "5"]  # the demo moves ~1-2 px per frame at 96 px: bound 5 keeps it visible
 
 
-@pytest.fixture
-def run_cli(capfd):
-    def run(*args):
-        capfd.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        out, err = capfd.readouterr()
-        return code, out + err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """3 groups x 1 clip of the 4 motion classes: split 1 trains on groups 2-3 (one to validation)."""

@@ -71,6 +71,7 @@ def _flow_params(items):
 @click.option("--flow-bound", type=float, default=20.0, show_default=True, help="Clip flow at +-bound (Ng: 40).")
 @click.option("--flow-stack", type=int, default=10, show_default=True, help="L flow fields per stack (2L channels).")
 @click.option("--tta", type=click.Choice(["center", "flip", "10crop"]), default="center", show_default=True)
+@click.option("--keep-views", is_flag=True, help="Also store each --tta view's features (stream <name>_views).")
 @click.option("--spatial-grid", type=int, default=None, help="Also store the last conv map pooled to GxG.")
 @click.option("--foveated", is_flag=True, help="Context + fovea streams (Karpathy et al. 3.2).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
@@ -91,7 +92,7 @@ def _flow_params(items):
 @click.option("--address", default=None, help="Ray cluster address (auto: the one `ray start` made); default local.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Videos per shard with --engine ray.")
 def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames, all_frames, backbone, weights,
-            flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, spatial_grid,
+            flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, keep_views, spatial_grid,
             foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
             quiet, shard, engine, address, shard_size):
     """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable)."""
@@ -103,7 +104,7 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
     cfg = ExtractConfig(
         streams=tuple(s.strip() for s in streams.split(",") if s.strip()),
         sampling=_sampling(frames, fps, all_frames, max_frames), backbone=backbone,
-        weights=rgb_checkpoint or weights, flow_weights=flow_weights, tta=tta, precision=precision,
+        weights=rgb_checkpoint or weights, flow_weights=flow_weights, tta=tta, keep_views=keep_views, precision=precision,
         spatial_grid=spatial_grid, foveated=foveated, flow_method=flow_method, flow_params=_flow_params(flow_param),
         flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder)
     opts = RunOptions(device=device, batch_size=batch_size, workers=workers, timeout=timeout, limit=limit,

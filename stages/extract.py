@@ -33,6 +33,7 @@ class ExtractConfig:
     weights: str | None = None            # None: the embedded ImageNet weights of the default backbone
     flow_weights: str | None = None       # temporal-stream CNN weights (None: cross-modality init of `weights`)
     tta: str = "center"                   # center | flip | 10crop (features averaged over the views)
+    keep_views: bool = False              # also store each view's features as `<stream>_views` [T, V, D]
     precision: str = "auto"               # fp32 | bf16 | auto (bf16 on CUDA)
     spatial_grid: int | None = None       # also store the last conv map pooled to g x g (conv pooling, Ng et al.)
     foveated: bool = False                # Karpathy et al. 3.2 context + fovea streams
@@ -159,6 +160,7 @@ class _Stream:
     backbone: Any
     tta: str
     grid: int | None
+    keep_views: bool = False
 
 
 def _build_streams(cfg: ExtractConfig, device: str) -> list[_Stream]:
@@ -170,7 +172,7 @@ def _build_streams(cfg: ExtractConfig, device: str) -> list[_Stream]:
         weights = cfg.weights if s == "rgb" else (cfg.flow_weights or cfg.weights)
         bb = build_backbone(cfg.backbone, weights, in_chans=in_chans, device=device, foveated=cfg.foveated,
                             precision=cfg.precision)
-        streams.append(_Stream(s, bb, cfg.tta, cfg.spatial_grid))
+        streams.append(_Stream(s, bb, cfg.tta, cfg.spatial_grid, cfg.keep_views))
     return streams
 
 
@@ -180,6 +182,7 @@ def store_config(cfg: ExtractConfig, streams: list[_Stream], decoder: str) -> di
         "streams": list(cfg.streams),
         "sampling": asdict(cfg.sampling),
         "tta": cfg.tta,
+        **({"keep_views": True} if cfg.keep_views else {}),  # absent when off: older stores keep their hash
         "spatial_grid": cfg.spatial_grid,
         "decoder": decoder,
         "backbones": {s.name: s.backbone.spec for s in streams},
@@ -202,9 +205,23 @@ def _embed(stream: _Stream, arr: np.ndarray, batch_size: int, seconds: dict[str,
     views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
     t1 = time.perf_counter()
     seconds["preprocess"] += t1 - t0
-    feats, grid = stream.backbone.extract(views, batch_size=batch_size, grid=stream.grid,
-                                          flips=view_flips(stream.tta))
-    out = {stream.name: feats.numpy().astype(np.float16)}
+    out: dict[str, np.ndarray] = {}
+    if stream.keep_views and not stream.grid:
+        # Each view on its own (Karpathy 4.1: scores averaged over crops and flips at test time). The same flat
+        # batches as the averaged path, so the mean over views is the stream's usual feature, bit for bit.
+        t, v = views.shape[:2]
+        per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
+        per_view = per_view.view(t, v, -1)  # [T*V,D] -> [T,V,D]
+        out[f"{stream.name}_views"] = per_view.numpy().astype(np.float16)
+        feats, grid = per_view.mean(1), None
+    else:
+        feats, grid = stream.backbone.extract(views, batch_size=batch_size, grid=stream.grid,
+                                              flips=view_flips(stream.tta))
+        if stream.keep_views:
+            t, v = views.shape[:2]
+            per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
+            out[f"{stream.name}_views"] = per_view.view(t, v, -1).numpy().astype(np.float16)  # [T,V,D]
+    out[stream.name] = feats.numpy().astype(np.float16)
     if grid is not None:
         out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
     seconds["cnn"] += time.perf_counter() - t1
@@ -230,6 +247,8 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
 
         if cfg.flow_method not in FLOW_METHODS:
             raise UserError(f"unknown flow method {cfg.flow_method!r}; choose one of {', '.join(FLOW_METHODS)}")
+    if cfg.keep_views and cfg.tta == "center":
+        raise UserError("--keep-views stores the --tta views one by one: use it with --tta flip or 10crop")
     if opts.batch_size < 1 or opts.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     t_start = time.perf_counter()

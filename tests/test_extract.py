@@ -216,3 +216,18 @@ def test_main_wraps_user_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", "/definitely/missing"])
     assert e.value.code == 2
+
+
+def test_keep_views_stores_each_tta_view_and_their_mean(tiny_dataset, tmp_path, run_cli):
+    store = tmp_path / "views"
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST, "--tta", "flip", "--keep-views", "--limit", "2")
+    assert code == 0, out
+    fs = FeatureStore.open(store)
+    assert fs.streams == {"rgb": 1280, "rgb_views": 2 * 1280} and fs.frame_shape("rgb_views") == (2, 1280)
+    vid = fs.ids()[0]
+    views = fs.get(vid, "rgb_views").reshape(4, 2, 1280).astype(np.float32)
+    assert not np.array_equal(views[:, 0], views[:, 1])  # the mirror is another view
+    # the averaged stream is the mean of the views (float16 rounding of both sides)
+    np.testing.assert_allclose(views.mean(1), fs.get(vid, "rgb").astype(np.float32), atol=2e-3, rtol=1e-2)
+    code, out = run_cli("extract", tiny_dataset, "--out", tmp_path / "c", *FAST, "--keep-views")
+    assert code == 2 and "--tta flip or 10crop" in out

@@ -445,3 +445,28 @@ def test_order_only_classes_need_order():
     assert lstm > 0.8 and slow > 0.8, (lstm, slow)
     assert late < chance + 0.15, late  # max over time sees the same set of frames in every class
     assert math.isfinite(lstm + slow + late)
+
+
+def test_clip_heads_read_stored_views():
+    """``views=V``: training reads one random view per video, evaluation averages clips over every view."""
+    import torch
+
+    from pipeline.registry import HEADS
+
+    torch.manual_seed(0)
+    entry = HEADS.get("single-frame")
+    cfg = HEADS.make_config("single-frame", {"views": "2", "tower_dims": "8,8,8", "fc_dim": "8", "num_clips": "3"})
+    head = entry.builder(cfg, 2 * 5, 4, (10,)).eval()
+    x = torch.randn(2, 6, 2, 5)  # [B,T,V,D]
+    logits, cmask = head.clip_logits(x.reshape(2, 6, 10))
+    assert logits.shape == (2, 6, 4) and cmask.all()  # V * num_clips clips per video
+    one = entry.builder(HEADS.make_config("single-frame", {"tower_dims": "8,8,8", "fc_dim": "8", "num_clips": "3"}),
+                        5, 4, (5,)).eval()
+    one.load_state_dict(head.state_dict())
+    for v in range(2):  # each view's clips are the clips of that view alone
+        alone, _ = one.clip_logits(x[:, :, v])
+        torch.testing.assert_close(logits[:, 3 * v:3 * v + 3], alone)
+    head.train()
+    assert head(x.reshape(2, 6, 10)).shape == (2, 4)
+    with pytest.raises(UserError, match="views"):
+        entry.builder(cfg, 11, 4, (11,))

@@ -87,6 +87,7 @@ class SingleFrameConfig:
     finetune: str = "all"  # all | top3 | top (Sec. 4.2)
     num_clips: int = EVAL_CLIPS  # clips averaged per video in evaluation; 0 = every clip position
     clip_seed: int = 0  # evaluation clips are a function of this seed and the video length
+    views: int = 1  # V > 1: per-frame input is V crop/flip views (a `*_views` stream, `extract --keep-views`)
     train_defaults: ClassVar[dict] = KARPATHY_TRAIN_DEFAULTS
 
     def __post_init__(self):
@@ -98,6 +99,8 @@ class SingleFrameConfig:
             raise UserError(f"{type(self).__name__}: finetune must be one of {FINETUNE}, got {self.finetune!r}")
         if self.num_clips < 0:
             raise UserError(f"{type(self).__name__}: num_clips must be >= 0")
+        if self.views < 1:
+            raise UserError(f"{type(self).__name__}: views must be >= 1")
 
     # how a clip is read and how its frames are fused: (frame offsets, tower kernels, tower strides)
     def temporal_plan(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -183,7 +186,9 @@ class ClipHead(Head):
         self.offsets, kernels, strides = cfg.temporal_plan()
         self.span = clip_span(self.offsets)
         self.steps = _tower_lengths(len(self.offsets), kernels, strides)  # time steps through the tower
-        dims = (input_dim,) + tuple(cfg.tower_dims)
+        if input_dim % cfg.views:
+            raise UserError(f"input of {input_dim} dims does not split into views={cfg.views} equal views")
+        dims = (input_dim // cfg.views,) + tuple(cfg.tower_dims)
         layers: list[nn.Module] = []
         for i, (k, s) in enumerate(zip(kernels, strides)):
             layers += [nn.Conv1d(dims[i], dims[i + 1], k, stride=s), nn.ReLU(inplace=True)]
@@ -208,7 +213,23 @@ class ClipHead(Head):
         """Scores of the clips this head reads: -> (logits [B,K,C], clip_mask [B,K]).
 
         Training: K = 1 random clip per video. Evaluation: ``num_clips`` clips fixed by ``clip_seed``.
+        With ``views`` V > 1 (stored TTA crops/flips, Sec. 4.1 "crops and flips"), training reads one random view
+        per video and evaluation scores every clip of every view (K = V * num_clips), so video scores average both.
         """
+        B, V = x.shape[0], self.cfg.views
+        if V > 1:
+            xv = x.view(B, x.shape[1], V, -1)  # [B,T,V*D] -> [B,T,V,D]
+            if self.training:
+                pick = torch.randint(V, (B,), device=x.device)  # the trainer seeds the global RNG
+                x = xv[torch.arange(B, device=x.device), :, pick]  # -> [B,T,D]
+            else:
+                x = xv.permute(0, 2, 1, 3).reshape(B * V, x.shape[1], -1)  # -> [B*V,T,D]
+                mask = None if mask is None else mask.repeat_interleave(V, 0)
+                logits, cmask = self._clip_logits(x, mask)  # [B*V,K,C]
+                return logits.reshape(B, -1, logits.shape[-1]), cmask.reshape(B, -1)  # -> [B,V*K,C]
+        return self._clip_logits(x, mask)
+
+    def _clip_logits(self, x: torch.Tensor, mask: torch.Tensor | None):
         B = x.shape[0]
         lengths = mask.long().sum(1) if mask is not None else torch.full((B,), x.shape[1], device=x.device)
         if self.training:

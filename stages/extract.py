@@ -253,7 +253,7 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     t_start = time.perf_counter()
     manifest = load_manifest(dataset, split_dir=split_dir, csv=csv)
-    # --- shards (issue 9): one slice of the manifest, its own writer name, committed by a shard manifest ---
+    # Shards (scale-out): one slice of the manifest, its own writer name, committed by a shard manifest.
     videos, writer_name = manifest.videos, "p"
     if opts.shard is not None:
         from stages.distributed import committed_shard, ids_digest, shard_name, shard_slice, write_shard_manifest
@@ -265,14 +265,12 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
         digest = ids_digest([v.id for v in manifest.videos])
         if committed_shard(out, i, n, [v.id for v in videos], digest) is not None and not opts.retry_failed:
             return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
-    # --- end shards ---
     device = resolve_device(opts.device)
     decoder = choose_backend(cfg.decoder, device)
-    # --- fine-tuned checkpoints (issue 8): refuse one made for other flow settings or another backbone ---
+    # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
     from stages.finetune import check_checkpoints
 
     check_checkpoints(cfg)
-    # --- end fine-tuned checkpoints ---
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)

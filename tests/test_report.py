@@ -16,39 +16,19 @@ from click.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.metrics import mean_std
-from pipeline.store import FeatureStore
 from stages.fuse import FuseJob, fuse
 from stages.report import collect_runs, leaderboard, write_report
 from stages.sweep import dedupe, expand, run_sweep
+from tests.synthetic import write_ucf_store
 
 torch.set_num_threads(1)
 
 CLASSES = ["Alpha", "Beta", "Gamma"]
 
 
-def _dataset(tmp_path: Path, T: int = 6):
-    """UCF101 layout with splits 1 and 2 (the same lists) and a store whose mean rgb feature tells the class."""
-    root, store_path = tmp_path / "data", tmp_path / "store"
-    (root / "splits").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    train, test = [], []
-    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, CLASSES) as w:
-        for c, name in enumerate(CLASSES):
-            (root / name).mkdir()
-            for g in range(1, 7):
-                for k in (1, 2):
-                    rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
-                    (root / rel).touch()
-                    (test if g <= 2 else train).append(rel if g <= 2 else f"{rel} {c + 1}")
-                    rgb = rng.normal(0, 1, (T, 5)).astype(np.float32)
-                    rgb[:, c] += 2.0
-                    w.add(rel, {"rgb": rgb.astype(np.float16), "flow": rng.normal(0, 1, (T, 3)).astype(np.float16)},
-                          meta={"frame_indices": np.arange(T), "fps": 25.0, "n_frames": T, "duration": T / 25})
-    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(CLASSES)))
-    for n in (1, 2):
-        (root / "splits" / f"trainlist0{n}.txt").write_text("\n".join(train) + "\n")
-        (root / "splits" / f"testlist0{n}.txt").write_text("\n".join(test) + "\n")
-    return root, store_path
+def _dataset(tmp_path: Path):
+    """Synthetic UCF101-layout dataset and store (tests/synthetic.py), splits 1 and 2 with the same lists."""
+    return write_ucf_store(tmp_path, CLASSES, groups=6, T=6, dims=(5, 3), splits=(1, 2), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.runs import COMPLETE
 from pipeline.store import FeatureStore
 from stages.sweep import FeatureCache, dedupe, expand, load_sweep, run_sweep, set_value
+from tests.synthetic import write_ucf_store
 
 torch.set_num_threads(1)
 
@@ -32,31 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = (("epochs", "2"), ("batch_size", "8"), ("frames", "4"))
 
 
-def make_dataset(tmp_path: Path, groups: int = 7, clips: int = 2, T: int = 8):
-    """UCF101 layout (class folders, splits/classInd.txt, trainlist01/testlist01, the same lists as split 2) and a
-    store of its videos whose mean rgb feature tells the class. Groups 1-2 of each class are test."""
-    root, store_path = tmp_path / "data", tmp_path / "store"
-    (root / "splits").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    train_lines, test_lines = [], []
-    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, CLASSES) as w:
-        for c, name in enumerate(CLASSES):
-            (root / name).mkdir()
-            for g in range(1, groups + 1):
-                for k in range(1, clips + 1):
-                    rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
-                    (root / rel).touch()
-                    (test_lines if g <= 2 else train_lines).append(rel if g <= 2 else f"{rel} {c + 1}")
-                    rgb = rng.normal(0, 1, (T, 6)).astype(np.float32)
-                    rgb[:, c] += 2.0
-                    flow = rng.normal(0, 1, (T, 4)).astype(np.float32)
-                    w.add(rel, {"rgb": rgb.astype(np.float16), "flow": flow.astype(np.float16)},
-                          meta={"frame_indices": np.arange(T), "fps": 25.0, "n_frames": T, "duration": T / 25})
-    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(CLASSES)))
-    for n in (1, 2):
-        (root / "splits" / f"trainlist0{n}.txt").write_text("\n".join(train_lines) + "\n")
-        (root / "splits" / f"testlist0{n}.txt").write_text("\n".join(test_lines) + "\n")
-    return root, store_path
+def make_dataset(tmp_path: Path):
+    """Synthetic UCF101-layout dataset and store (tests/synthetic.py), splits 1 and 2 with the same lists."""
+    return write_ucf_store(tmp_path, CLASSES, T=8, dims=(6, 4), splits=(1, 2))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 import pipeline.heads  # noqa: F401
 import stages.train as st
 from pipeline.errors import UserError
-from tests.test_training import make_dataset
+from tests.synthetic import write_ucf_store
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("ds"))
+    return write_ucf_store(tmp_path_factory.mktemp("ds"), ["Alpha", "Beta", "Gamma"], T=(8, 15), frame_step=3)
 
 
 def _job(dataset, tmp_path, head, *sets, **kw):

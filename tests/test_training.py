@@ -26,6 +26,7 @@ from pipeline.registry import HEADS, RegistryError
 from pipeline.runs import COMPLETE, config_hash
 from pipeline.store import FeatureStore
 from pipeline.training import build_head, fit, predict, resolve_configs
+from tests.synthetic import write_ucf_store
 
 torch.set_num_threads(1)
 
@@ -94,39 +95,10 @@ if "test-centroid" not in HEADS:
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
-def _video_features(label: int, T: int, rng) -> dict[str, np.ndarray]:
-    rgb = rng.normal(0, 1, (T, RGB)).astype(np.float32)
-    rgb[:, label] += 2.0  # class is readable from the mean rgb feature
-    flow = rng.normal(0, 1, (T, FLOW)).astype(np.float32)
-    return {"rgb": rgb.astype(np.float16), "flow": flow.astype(np.float16)}
-
-
 def make_dataset(tmp_path, groups=7, clips=2, skip_in_store=()):
-    """UCF101 layout (class folders, splits/classInd.txt, trainlist01/testlist01) and a store of its videos.
-
-    Groups 1-2 of each class are test, 3..groups train (as UCF101's split 1 takes groups 1-7 for test).
-    """
-    root, store_path = tmp_path / "data", tmp_path / "store"
-    (root / "splits").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    train_lines, test_lines = [], []
-    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, CLASSES) as w:
-        for c, name in enumerate(CLASSES):
-            (root / name).mkdir()
-            for g in range(1, groups + 1):
-                for k in range(1, clips + 1):
-                    rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
-                    (root / rel).touch()
-                    (test_lines if g <= 2 else train_lines).append(rel if g <= 2 else f"{rel} {c + 1}")
-                    if rel in skip_in_store:
-                        continue
-                    T = int(rng.integers(8, 15))
-                    w.add(rel, _video_features(c, T, rng),
-                          meta={"frame_indices": np.arange(T) * 3, "fps": 25.0, "n_frames": 3 * T, "duration": T * 0.12})
-    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(CLASSES)))
-    (root / "splits" / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
-    (root / "splits" / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
-    return root, store_path
+    """Synthetic UCF101-layout dataset and store (tests/synthetic.py): 8-14 frames per video, split 1 only."""
+    return write_ucf_store(tmp_path, CLASSES, groups=groups, clips=clips, T=(8, 15), dims=(RGB, FLOW),
+                           skip_in_store=skip_in_store, frame_step=3)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""A synthetic dataset for stage-two tests: UCF101 layout (class folders of empty video files, splits/classInd.txt,
+trainlistNN / testlistNN) plus a feature store whose mean rgb feature tells the class. Groups 1-2 of each class are
+test, the rest train (as UCF101's split 1 holds out groups 1-7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import FeatureStore
+
+
+def write_ucf_store(tmp_path: Path, classes: list[str], *, groups: int = 7, clips: int = 2,
+                    T: int | tuple[int, int] = 8, dims: tuple[int, int] = (6, 4), splits: tuple[int, ...] = (1,),
+                    seed: int = 0, skip_in_store: tuple[str, ...] = (), frame_step: int = 1) -> tuple[Path, Path]:
+    """Returns (dataset root, store path). ``T``: frames per video, or a (low, high) range drawn per video;
+    ``splits``: which split numbers get (the same) list files; ``skip_in_store``: listed videos left out of the store."""
+    root, store_path = tmp_path / "data", tmp_path / "store"
+    (root / "splits").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, classes) as w:
+        for c, name in enumerate(classes):
+            (root / name).mkdir()
+            for g in range(1, groups + 1):
+                for k in range(1, clips + 1):
+                    rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
+                    (root / rel).touch()
+                    (test if g <= 2 else train).append(rel if g <= 2 else f"{rel} {c + 1}")
+                    if rel in skip_in_store:
+                        continue
+                    t = int(rng.integers(*T)) if isinstance(T, tuple) else T
+                    rgb = rng.normal(0, 1, (t, dims[0])).astype(np.float32)
+                    rgb[:, c] += 2.0  # the class is readable from the mean rgb feature
+                    flow = rng.normal(0, 1, (t, dims[1])).astype(np.float32)
+                    w.add(rel, {"rgb": rgb.astype(np.float16), "flow": flow.astype(np.float16)},
+                          meta={"frame_indices": np.arange(t) * frame_step, "fps": 25.0, "n_frames": frame_step * t,
+                                "duration": frame_step * t / 25})
+    (root / "splits" / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(classes)))
+    for n in splits:
+        (root / "splits" / f"trainlist{n:02d}.txt").write_text("\n".join(train) + "\n")
+        (root / "splits" / f"testlist{n:02d}.txt").write_text("\n".join(test) + "\n")
+    return root, store_path

@@ -171,6 +171,10 @@ def info(store, as_json):
     click.echo(f"classes    {len(d['classes'])}")
     cfg = d["config"]
     click.echo(f"sampling   {json.dumps(cfg.get('sampling'))}")
+    from pipeline.backbones import view_aggregation
+
+    for name, how in view_aggregation(cfg).items():
+        click.echo(f"views      {name}: {how}")
     for name, spec in cfg.get("backbones", {}).items():
         click.echo(f"backbone   {name}: {spec.get('name')} weights={spec.get('weights')} "
                    f"input={spec.get('input_size')} precision={spec.get('precision')}")

@@ -23,6 +23,12 @@ A ``Backbone`` maps ``[B, C, S, S]`` normalised input to pooled pre-logit featur
 last conv map ``[B, C', h, w]`` (``forward_maps``, for the spatial-grid stream of Conv Pooling, Ng et al. 3.1) and
 ImageNet logits (``classify``). ``foveated=True`` (Karpathy et al. 3.2) runs the same CNN on a context and a fovea
 view of the full-resolution crop and concatenates the two features (``2D``).
+
+Test-time views (``--tta flip|10crop``): ``extract`` averages the V views' *features*, which is what a store's
+``rgb`` / ``flow`` streams hold. The papers average *scores* over crops and flips (Karpathy et al. 4.1; Simonyan
+and Zisserman's protocol that Ma et al. follow); for that the store keeps every view (``--keep-views``: streams
+``rgb_views`` / ``flow_views``, ``[T, V * D]``) and a head with ``views=V`` scores each view and averages the scores.
+``view_aggregation`` says which a store's streams hold (``twostream info``); ``view_record`` says which a run used.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ __all__ = [
     "embedded_weights_path",
     "file_sha256",
     "load_by_position",
+    "view_aggregation",
+    "view_record",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -287,6 +295,54 @@ class Backbone(nn.Module):
             idx = torch.tensor(flips, dtype=torch.bool)
             g[:, idx] = g[:, idx].flip(-1)
         return f, g.mean(1)  # [N,V,C',g,g] -> [N,C',g,g]
+
+
+# ------------------------------------------------------------------------------------------------- test-time views
+
+def view_aggregation(config: dict) -> dict[str, str]:
+    """{stream: how it combines the test-time views} for a store's extraction ``config`` (recorded there since
+    stores say it; derived from ``tta`` / ``keep_views`` for older ones)."""
+    if "view_aggregation" in config:
+        return dict(config["view_aggregation"])
+    from pipeline.preprocess import TTA_VIEWS
+
+    tta = config.get("tta", "center")
+    v = TTA_VIEWS.get(tta, 1)
+    out = {}
+    for s in config.get("streams", []):
+        out[s] = "one view (center crop)" if v == 1 else f"features averaged over {v} views ({tta})"
+        if config.get("spatial_grid"):
+            out[f"{s}_map"] = out[s]
+        if config.get("keep_views"):
+            out[f"{s}_views"] = f"{v} views ({tta}), one feature each: average scores over them with views={v}"
+    return out
+
+
+def view_record(config: dict, streams, head_views: int | None) -> dict:
+    """What a run did with the test-time views: ``{"tta", "views", "averaged": "none" | "features" | "scores"}``.
+
+    Refuses (``UserError``) what would mix views silently: ``views > 1`` on a stream that does not hold views
+    (its dims would be cut into fake "views"), a ``*_views`` stream read with another ``views`` than stored, or
+    with other streams beside it (the per-frame vector would interleave them).
+    """
+    from pipeline.preprocess import TTA_VIEWS
+
+    tta = config.get("tta", "center")
+    stored = TTA_VIEWS.get(tta, 1)
+    per_view = [s for s in streams if s.endswith("_views")]
+    views = head_views or 1
+    if per_view:
+        if head_views is None:
+            raise UserError(f"{per_view[0]} holds {stored} views per frame; only heads with a views key average "
+                            "scores over them: use the averaged stream instead")
+        if views != stored or len(streams) > 1:
+            raise UserError(f"{per_view[0]} holds {stored} views per frame: train on it alone with --set "
+                            f"views={stored}")
+        return {"tta": tta, "views": stored, "averaged": "scores"}
+    if views > 1:
+        raise UserError(f"views={views} needs a stream of stored views (extract --tta 10crop --keep-views, "
+                        "then --streams rgb_views)")
+    return {"tta": tta, "views": stored, "averaged": "features" if stored > 1 else "none"}
 
 
 # ------------------------------------------------------------------------------------------------- builders

@@ -110,9 +110,11 @@ def expand_network(small_state: dict[str, torch.Tensor], large: nn.Module) -> di
     ``stride`` frames, so the small model's towers are the first towers of the large one and see the same
     frames: their block is copied exactly and the new towers' columns start at zero. The expanded model then
     scores a video as the small model scores its first frames, and fine-tuning teaches the new towers.
-    Anything else that differs in shape raises.
+    Transfer to other classes (Karpathy et al. Sec. 4.2, "retrain a new classifier"): parameters a head lists in
+    ``fresh_on_transfer`` keep their fresh initialisation when the source's differ in shape. Anything else that
+    differs in shape raises.
 
-    Returns {name: "copied" | "extended"} for every tensor of ``large``.
+    Returns {name: "copied" | "extended" | "fresh"} for every tensor of ``large``.
     """
     target = large.state_dict()
     missing = sorted(set(target) - set(small_state))
@@ -120,6 +122,7 @@ def expand_network(small_state: dict[str, torch.Tensor], large: nn.Module) -> di
     if missing or unexpected:
         raise KeyError(f"expand_network: models differ: missing {missing}, unexpected {unexpected}")
     grows = set(getattr(large, "tower_blocked", ()))  # parameters a model declares as growing with its towers
+    fresh = set(getattr(large, "fresh_on_transfer", ()))  # a new classifier for new classes
     how, new_state = {}, {}
     for name, dst in target.items():
         src = small_state[name]
@@ -129,6 +132,8 @@ def expand_network(small_state: dict[str, torch.Tensor], large: nn.Module) -> di
             grown = torch.zeros_like(dst)  # [C, N*H]
             grown[:, : src.shape[1]] = src  # [C, n*H] into the first n towers
             new_state[name], how[name] = grown, "extended"
+        elif name in fresh:
+            new_state[name], how[name] = dst, "fresh"
         else:
             raise ValueError(f"expand_network: {name} {tuple(src.shape)} cannot grow to {tuple(dst.shape)}")
     large.load_state_dict(new_state)

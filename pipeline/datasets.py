@@ -29,8 +29,10 @@ Decisions a user should know about:
 - Layouts without split information (CSV without a split column, folders) have ``splits == {}``;
   :meth:`Manifest.split` then says so, and :meth:`Manifest.with_group_split` makes a seeded group-aware one.
 - Groups: a UCF101-style file name ``v_<Class>_g<GG>_c<CC>`` gives group ``<Class>_g<GG>`` (clips of one
-  group share actor and background, so they must not straddle train and test), whatever the layout;
-  any other video is its own group.
+  group share actor and background, so they must not straddle train and test), whatever the layout. In the
+  HMDB51 layout a name ``<source>_<action>_<body>_<camera>_<people>_<view>_<quality>_<clip>`` (Kuehne et al.
+  2011: ``Basketball_Dribbling_-_Basics_dribble_f_cm_np1_ba_med_0.avi``) gives group ``<source>``: the clips
+  cut from one source video. Any other video is its own group.
 
 Explicit arguments win over detection: ``csv=``, then ``split_dir=``, then ``ROOT/splits`` /
 ``ROOT/ucfTrainTestlist`` / ``ROOT/testTrainMulti_7030_splits``, then ``ROOT/manifest.csv``, then folders.
@@ -55,6 +57,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "VideoItem",
+    "hmdb_group",
     "load_manifest",
     "ucf_group",
 ]
@@ -62,6 +65,8 @@ __all__ = [
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v")
 SPLIT_DIR_NAMES = ("splits", "ucfTrainTestlist", "testTrainMulti_7030_splits")
 _UCF_NAME = re.compile(r"^v_(?P<cls>.+)_g(?P<g>\d+)_c(?P<c>\d+)$")
+# HMDB51's meta tags after "<source>_<action>": visible body part, camera motion, people, viewpoint, quality, clip
+_HMDB_NAME = re.compile(r"^(?P<head>.+)_[fhlu]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$", re.IGNORECASE)
 _UCF_LIST = re.compile(r"^(?P<kind>train|test)list(?P<n>\d+)\.txt$", re.IGNORECASE)
 _HMDB_LIST = re.compile(r"^(?P<cls>.+)_test_split(?P<n>\d+)\.txt$", re.IGNORECASE)
 _MAX_LISTED = 5  # missing files named in an error message
@@ -76,7 +81,7 @@ class VideoItem:
     id: str  # path relative to the root, POSIX separators, with extension, spelled as on disk
     path: Path  # absolute, resolved
     label: int  # index into Manifest.classes
-    group: str  # "Class_gGG" for UCF101-style names, else the id
+    group: str  # "Class_gGG" for UCF101-style names, the source video for HMDB51 clips, else the id
 
 
 @dataclass
@@ -144,6 +149,19 @@ def ucf_group(video_id: str) -> str:
     """Group "Class_gGG" of a UCF101-style name ``.../v_Class_gGG_cCC.ext``; otherwise the id itself."""
     m = _UCF_NAME.match(PurePosixPath(video_id).stem)
     return f"{m['cls']}_g{m['g']}" if m else video_id
+
+
+def hmdb_group(video_id: str, action: str) -> str:
+    """Source video of an HMDB51 clip ``.../<source>_<action>_<tags>_<clip>.avi`` (the class ``action`` is cut
+    off the end, however many words it has); a UCF101-style group or the id itself for other names."""
+    m = _HMDB_NAME.match(PurePosixPath(video_id).stem)
+    if not m:
+        return ucf_group(video_id)
+    head = m["head"]
+    suffix = "_" + action
+    if head.lower().endswith(suffix.lower()) and len(head) > len(suffix):
+        return head[: -len(suffix)]
+    return head.rsplit("_", 1)[0] if "_" in head else head  # a one-word action label other than the class name
 
 
 def load_manifest(
@@ -432,7 +450,8 @@ def _read_hmdb(res: _Resolver, split_dir: Path, names: list[str]) -> Manifest:
             rows[vid] = (real, label)
             membership[vid] = "train" if tag == "1" else "test"
     res.raise_missing(f"the split files in {split_dir}")
-    return Manifest(root=res.root, classes=classes, videos=_items(rows), splits=splits, source="hmdb51")
+    videos = [replace(v, group=hmdb_group(v.id, classes[v.label])) for v in _items(rows)]
+    return Manifest(root=res.root, classes=classes, videos=videos, splits=splits, source="hmdb51")
 
 
 def _read_csv(res: _Resolver, path: Path) -> Manifest:

@@ -27,7 +27,8 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["VideoFeatures", "carve_validation", "collate", "iter_batches", "join", "sample_frames", "video_level"]
+__all__ = ["VideoFeatures", "carve_validation", "check_frames", "collate", "describe_sampling", "iter_batches", "join",
+           "sample_frames", "video_level"]
 
 
 def sample_frames(n_stored: int, frames: int) -> np.ndarray:
@@ -42,6 +43,64 @@ def sample_frames(n_stored: int, frames: int) -> np.ndarray:
     if frames <= 0:
         return np.arange(n_stored)
     return np.round(np.linspace(0, n_stored - 1, frames)).astype(np.int64)  # [frames]
+
+
+def describe_sampling(sampling: dict) -> str:
+    """A store's ``sampling`` config in words: "25 equally spaced frames per video", "1 frame per second", ..."""
+    mode = sampling.get("mode")
+    if mode == "frames":
+        return f"{sampling['frames']} equally spaced frames per video"
+    if mode == "fps":
+        cap = f"padded or cut to {sampling['frames']}" if sampling.get("frames") else f"at most {sampling['max_frames']}"
+        return f"{sampling['fps']:g} frames per second ({cap})"
+    return "every frame"
+
+
+def check_frames(sampling: dict | None, frames: int, lengths: Sequence[int], head: str, head_cfg=None) -> list[str]:
+    """What a head reads that the store does not hold: raise ``UserError`` where the number would mislead,
+    return notes for the run's record (``metrics.json["warnings"]``) where it is a stated departure.
+
+    ``sampling`` is the store's sampling config (None: not recorded), ``frames`` the fixed T the trainer samples
+    (0: every stored frame), ``lengths`` the stored frame counts of the run's videos. A head config may declare
+    ``frame_rate``: ``1.0`` for heads designed at 1 frame per second (Ng et al. Sec. 4), ``"full"`` for clips of
+    consecutive frames (Karpathy et al. Sec. 3: 10 frames, "approximately a third of a second"), with
+    ``clip_span`` and ``any_rate``.
+
+    - A fixed T above what a store of a fixed count holds per video (25 from ``--frames 25``) would repeat
+      frames in every video: refused. Variable-length stores: the videos shorter than T are counted in a note.
+    - Clips of consecutive frames on a store not sampled at the full rate span far more time than the paper's
+      (10 of 25 equally spaced frames: 40% of the video): refused unless ``any_rate``, which leaves a note.
+    - A 1-fps head on another rate: a note (pooling over the whole video is still what the paper does).
+    """
+    notes: list[str] = []
+    how = describe_sampling(sampling) if sampling else None
+    fixed = sampling and (sampling.get("frames") if sampling.get("mode") in ("frames", "fps") else None)
+    if frames > 0:
+        if fixed and fixed < frames:
+            raise UserError(f"{head} reads {frames} frames per video but the store holds {fixed} ({how}): "
+                            f"--set frames={fixed}, or extract {frames} frames (e.g. --fps 1 --frames {frames})")
+        short = sum(n < frames for n in lengths)
+        if short:
+            notes.append(f"{short} of {len(lengths)} videos have fewer than {frames} stored frames; "
+                         f"their frames were repeated to make {frames}")
+    rate = getattr(head_cfg, "frame_rate", None)
+    if sampling and rate == "full" and getattr(head_cfg, "clip_span", 1) > 1:
+        span = head_cfg.clip_span
+        fps = sampling.get("fps") if sampling.get("mode") == "fps" else None
+        if sampling.get("mode") == "all":
+            pass
+        elif fps and fps >= 15:
+            notes.append(f"clips of {span} frames at {fps:g} fps span {span / fps:.2f} s")
+        elif not getattr(head_cfg, "any_rate", False):
+            raise UserError(f"{head} reads clips of {span} consecutive frames at the full frame rate (about 1/3 s), "
+                            f"but the store holds {how}: extract with --all-frames, or --set any_rate=true to "
+                            "count clips in stored frames")
+        else:
+            notes.append(f"clips of {span} stored frames of a store holding {how} (any_rate): the paper's clips "
+                         "are consecutive frames at the full rate")
+    elif sampling and isinstance(rate, float) and not (sampling.get("mode") == "fps" and sampling.get("fps") == rate):
+        notes.append(f"{head} was designed for {rate:g} frame per second; the store holds {how}")
+    return notes
 
 
 def join(items: Sequence, store_ids: set[str] | Sequence[str], allow_missing: bool = False, what: str = "split"):

@@ -187,6 +187,10 @@ def store_config(cfg: ExtractConfig, streams: list[_Stream], decoder: str) -> di
         "decoder": decoder,
         "backbones": {s.name: s.backbone.spec for s in streams},
     }
+    if cfg.tta != "center":  # which streams hold averaged features, which every view (absent for one view)
+        from pipeline.backbones import view_aggregation
+
+        out["view_aggregation"] = view_aggregation(out)
     if "flow" in cfg.streams:
         from pipeline import flow as flowlib
 

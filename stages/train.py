@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 import pipeline.heads  # noqa: F401  (registers every head)
+from pipeline.backbones import view_record
 from pipeline.clips import expand_network
 from pipeline.datasets import load_manifest
 from pipeline.errors import UserError
-from pipeline.features import VideoFeatures, carve_validation, iter_batches, join
+from pipeline.features import VideoFeatures, carve_validation, check_frames, iter_batches, join
 from pipeline.metrics import classification_report, hit_at_k
 from pipeline.registry import HEADS
 from pipeline.runs import RunDir, write_summary
@@ -106,6 +107,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         "manifest_fingerprint": manifest.fingerprint(),
         "classes": manifest.classes,
     }
+    if getattr(head_cfg, "finetune", "all") != "all" and not job.init_from:  # Karpathy et al. 4.2 transfer
+        raise UserError(f"{job.head}: finetune={head_cfg.finetune} freezes the lower layers, which only a trained "
+                        "source run can fill: give --init-from RUN")
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
     run = RunDir(job.out, job.head, config)
@@ -124,6 +128,12 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     train_items, val_items = carve_validation(train_items, cfg.val_fraction, cfg.seed)
     if not train_items or not test_items:
         raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
+
+    views = view_record(store.config, streams, getattr(head_cfg, "views", None))  # test-time views: how averaged
+    lengths = store.lengths([it.id for it in train_items + val_items + test_items])
+    notes = check_frames(store.config.get("sampling"), cfg.frames, lengths, job.head, head_cfg)
+    for note in notes:
+        echo(f"warning: {note}")
 
     def features(items):
         return VideoFeatures(store, [it.id for it in items], [it.label for it in items], streams,
@@ -162,8 +172,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         "n_train": len(train_items), "n_val": len(val_items), "n_test": len(test_set),
         "val_accuracy": fitted["best_val_accuracy"], "best_epoch": fitted["best_epoch"],
         "epochs_run": fitted["epochs_run"], "fit_seconds": fitted["fit_seconds"],
-        "params": count_params(head), "device": str(device),
+        "params": count_params(head), "device": str(device), "test_views": views,
     })
+    metrics.setdefault("warnings", []).extend(notes)  # departures from the papers' protocols, stated
 
     # -- write the run; COMPLETE last
     if entry.kind == "sklearn":

@@ -17,7 +17,9 @@ across frames (Single-Frame, Late Fusion, Early Fusion above its first layer), k
 (time x channels, like a conv map flattened into FC-4096) into the paper's top: FC(4096) - FC(4096) - softmax.
 The paper's spatial kernels, strides and LRN layers have no counterpart over vectors and are not modelled. Clip
 lengths are counted in stored frames; the paper's 10 and 15 frames assume the full frame rate (10 frames "or
-approximately a third of a second").
+approximately a third of a second"), so stage two refuses a store sampled more sparsely (``--frames 25``) unless
+``any_rate=True`` says to count clips in stored frames (``pipeline.features.check_frames``); extract with
+``--all-frames`` for the paper's clips.
 
 Clips and video scores (``pipeline.clips``): in training the head reads one random clip per video; in evaluation
 it scores ``num_clips`` clips (20, Sec. 4.1) and returns the log of their averaged class probabilities, so the
@@ -88,7 +90,9 @@ class SingleFrameConfig:
     num_clips: int = EVAL_CLIPS  # clips averaged per video in evaluation; 0 = every clip position
     clip_seed: int = 0  # evaluation clips are a function of this seed and the video length
     views: int = 1  # V > 1: per-frame input is V crop/flip views (a `*_views` stream, `extract --keep-views`)
+    any_rate: bool = False  # True: count clips in stored frames of a store not sampled at the full frame rate
     train_defaults: ClassVar[dict] = KARPATHY_TRAIN_DEFAULTS
+    frame_rate: ClassVar[str] = "full"  # clips are consecutive frames (pipeline.features.check_frames)
 
     def __post_init__(self):
         if not self.tower_dims or min(self.tower_dims) < 1 or self.fc_dim < 1:
@@ -101,6 +105,11 @@ class SingleFrameConfig:
             raise UserError(f"{type(self).__name__}: num_clips must be >= 0")
         if self.views < 1:
             raise UserError(f"{type(self).__name__}: views must be >= 1")
+
+    @property
+    def clip_span(self) -> int:
+        """Consecutive frames one clip covers: 1, 10, 16 (Late Fusion's 0 and 15), 10."""
+        return clip_span(self.temporal_plan()[0])
 
     # how a clip is read and how its frames are fused: (frame offsets, tower kernels, tower strides)
     def temporal_plan(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -179,6 +188,9 @@ def _tower_lengths(clip_len: int, kernels, strides) -> list[int]:
 
 class ClipHead(Head):
     """A Karpathy network over clips of cached frames; forward averages clip scores over the video."""
+
+    #: transfer to another dataset keeps a fresh classifier when the class count differs (pipeline.clips.expand_network)
+    fresh_on_transfer = ("classifier.1.weight", "classifier.1.bias")
 
     def __init__(self, cfg: SingleFrameConfig, input_dim: int, num_classes: int):
         super().__init__()

@@ -13,14 +13,16 @@ from pipeline.store import FeatureStore
 
 def write_ucf_store(tmp_path: Path, classes: list[str], *, groups: int = 7, clips: int = 2,
                     T: int | tuple[int, int] = 8, dims: tuple[int, int] = (6, 4), splits: tuple[int, ...] = (1,),
-                    seed: int = 0, skip_in_store: tuple[str, ...] = (), frame_step: int = 1) -> tuple[Path, Path]:
+                    seed: int = 0, skip_in_store: tuple[str, ...] = (), frame_step: int = 1,
+                    config: dict | None = None) -> tuple[Path, Path]:
     """Returns (dataset root, store path). ``T``: frames per video, or a (low, high) range drawn per video;
-    ``splits``: which split numbers get (the same) list files; ``skip_in_store``: listed videos left out of the store."""
+    ``splits``: which split numbers get (the same) list files; ``skip_in_store``: listed videos left out of the store;
+    ``config``: the store's extraction config (e.g. its ``sampling``)."""
     root, store_path = tmp_path / "data", tmp_path / "store"
     (root / "splits").mkdir(parents=True)
     rng = np.random.default_rng(seed)
     train, test = [], []
-    with FeatureStore.writer(store_path, {"backbone": "synthetic"}, classes) as w:
+    with FeatureStore.writer(store_path, {"backbone": "synthetic", **(config or {})}, classes) as w:
         for c, name in enumerate(classes):
             (root / name).mkdir()
             for g in range(1, groups + 1):

@@ -334,3 +334,24 @@ def test_download_goes_through_the_library_cache(r50, monkeypatch):
     monkeypatch.setattr(backbones, "_torch_hub_file", offline)
     with pytest.raises(UserError, match="could not download"):
         build_backbone("resnet50", weights="download")
+
+
+def test_store_config_says_how_test_time_views_are_combined():
+    """A store's plain streams hold features averaged over the views; the papers average scores, which only a
+    store that keeps every view (`--keep-views`) allows. The store says which it holds."""
+    from types import SimpleNamespace
+
+    from pipeline.backbones import view_aggregation
+    from stages.extract import ExtractConfig, _Stream, store_config
+
+    def config(**kw):
+        cfg = ExtractConfig(streams=("rgb",), **kw)
+        return store_config(cfg, [_Stream("rgb", SimpleNamespace(spec={}), cfg.tta, None, cfg.keep_views)], "cv2")
+
+    assert "view_aggregation" not in config()  # one view: nothing to say, and single-view stores keep their hash
+    assert view_aggregation(config()) == {"rgb": "one view (center crop)"}
+    ten = config(tta="10crop", keep_views=True)
+    assert ten["view_aggregation"] == {
+        "rgb": "features averaged over 10 views (10crop)",
+        "rgb_views": "10 views (10crop), one feature each: average scores over them with views=10"}
+    assert config(tta="flip")["view_aggregation"] == {"rgb": "features averaged over 2 views (flip)"}

@@ -389,3 +389,39 @@ def test_bad_roots_and_split_dirs(tmp_path):
     (tmp_path / "splits" / "classInd.txt").write_bytes(b"1 Caf\xe9\n")
     with pytest.raises(ManifestError, match=r"classInd\.txt: not UTF-8"):
         load_manifest(tmp_path)
+
+
+def test_hmdb51_clips_of_one_source_video_share_a_group_and_a_side(tmp_path):
+    """HMDB51 cuts several clips from one source video (``<source>_<action>_<tags>_<clip>.avi``, Kuehne et al.
+    2011); a validation split carved by video would put clips of one source on both sides."""
+    from pipeline.features import carve_validation
+
+    d = tmp_path / "testTrainMulti_7030_splits"
+    d.mkdir()
+    sources = {}
+    for cls in ("brush_hair", "dribble"):
+        lines = []
+        for s in range(6):
+            src = f"{cls.title()}_Movie_{s}_-_Part_{s % 2}"
+            for clip, tags in enumerate(("u_nm_np1_fr_goo", "f_cm_np2_le_med", "h_nm_np1_ri_bad")):
+                name = f"{src}_{cls}_{tags}_{clip}.avi"
+                _touch(tmp_path / cls / name)
+                lines.append(f"{name} {2 if s == 0 else 1}")
+                sources[f"{cls}/{name}"] = src
+        (d / f"{cls}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    m = load_manifest(tmp_path)
+    assert {v.id: v.group for v in m.videos} == sources
+    train, _ = m.split(1)
+    for seed in range(5):
+        tr, val = carve_validation(train, 0.3, seed)
+        assert val and not {v.group for v in tr} & {v.group for v in val}, seed
+        assert len(val) % 3 == 0  # whole sources of three clips
+
+
+def test_hmdb_group_cuts_multi_word_actions_and_keeps_other_names():
+    from pipeline.datasets import hmdb_group
+
+    assert hmdb_group("dribble/Basketball_Dribbling_-_Basics_dribble_f_cm_np1_ba_med_0.avi", "dribble") == \
+        "Basketball_Dribbling_-_Basics"
+    assert hmdb_group("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi", "brush_hair") == "April_09"
+    assert hmdb_group("x/v_Jump_g03_c01.avi", "x") == "Jump_g03" and hmdb_group("x/clip.avi", "x") == "x/clip.avi"

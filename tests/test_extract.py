@@ -229,5 +229,7 @@ def test_keep_views_stores_each_tta_view_and_their_mean(tiny_dataset, tmp_path, 
     assert not np.array_equal(views[:, 0], views[:, 1])  # the mirror is another view
     # the averaged stream is the mean of the views (float16 rounding of both sides)
     np.testing.assert_allclose(views.mean(1), fs.get(vid, "rgb").astype(np.float32), atol=2e-3, rtol=1e-2)
+    code, out = run_cli("info", store)  # which stream averaged features, which keeps every view
+    assert "views      rgb: features averaged over 2 views (flip)" in out and "rgb_views: 2 views (flip)" in out
     code, out = run_cli("extract", tiny_dataset, "--out", tmp_path / "c", *FAST, "--keep-views")
     assert code == 2 and "--tta flip or 10crop" in out

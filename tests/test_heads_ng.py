@@ -470,3 +470,133 @@ def test_clip_heads_read_stored_views():
     assert head(x.reshape(2, 6, 10)).shape == (2, 4)
     with pytest.raises(UserError, match="views"):
         entry.builder(cfg, 11, 4, (11,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# through the stage: what the store holds against what a head reads (frames, rate, views, transfer)
+
+FRAMES_25 = {"mode": "frames", "frames": 25, "fps": None, "max_frames": 120}
+ALL_FRAMES = {"mode": "all", "frames": None, "fps": None, "max_frames": 120}
+FPS_1 = {"mode": "fps", "frames": None, "fps": 1.0, "max_frames": 120}
+
+
+def _stage_job(root, store, tmp_path, head, *sets, **kw):
+    import stages.train as st
+
+    return st.TrainJob(store=str(store), dataset=str(root), head=head, streams=kw.pop("streams", ("rgb",)),
+                       overrides=tuple(tuple(s.split("=", 1)) for s in sets), out=str(tmp_path / "runs"), **kw)
+
+
+def _train(job):
+    import stages.train as st
+
+    return st.train(job, progress=False, echo=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def store_25(tmp_path_factory):
+    """A store of 25 equally spaced frames per video (`extract --frames 25`, the default)."""
+    from tests.synthetic import write_ucf_store
+
+    return write_ucf_store(tmp_path_factory.mktemp("s25"), ["Alpha", "Beta", "Gamma"], groups=4, T=25,
+                           config={"sampling": FRAMES_25})
+
+
+def test_ng_heads_refuse_more_frames_than_the_store_holds(store_25, tmp_path):
+    """Ng's 30-frame models on a 25-frame store would see 5 duplicated frames in every video."""
+    root, store = store_25
+    with pytest.raises(UserError, match=r"reads 30 frames per video but the store holds 25 .*--set frames=25"):
+        _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8"))
+    with pytest.raises(UserError, match="reads 30 frames"):
+        _train(_stage_job(root, store, tmp_path, "deep-lstm", "hidden=8", "layers=1"))
+    m = _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8", "epochs=1", "frames=25")).metrics
+    assert m["warnings"] == [("late-pool was designed for 1 frame per second; the store holds 25 equally spaced "
+                              "frames per video")]
+
+
+def test_karpathy_clips_refuse_a_sparse_store_unless_told(store_25, tmp_path):
+    """10 of 25 equally spaced frames span 40% of a video, not the paper's third of a second."""
+    root, store = store_25
+    small = ("epochs=1", "fc_dim=8", "tower_dims=8,8,8", "num_clips=2")
+    with pytest.raises(UserError, match=r"clips of 10 consecutive frames .* --all-frames"):
+        _train(_stage_job(root, store, tmp_path, "slow-fusion", *small))
+    with pytest.raises(UserError, match="clips of 16 consecutive frames"):
+        _train(_stage_job(root, store, tmp_path, "late-fusion", *small))
+    m = _train(_stage_job(root, store, tmp_path, "slow-fusion", *small, "any_rate=true")).metrics
+    assert len(m["warnings"]) == 1 and "clips of 10 stored frames" in m["warnings"][0]
+    assert _train(_stage_job(root, store, tmp_path, "single-frame", *small)).metrics["warnings"] == []  # 1 frame
+
+
+def test_check_frames_cases():
+    from pipeline.features import check_frames
+
+    slow = HEADS.make_config("slow-fusion", {})
+    assert check_frames(ALL_FRAMES, 0, [40, 90], "slow-fusion", slow) == []  # the paper's clips
+    assert check_frames({**FPS_1, "fps": 25.0}, 0, [40], "slow-fusion", slow) == ["clips of 10 frames at 25 fps span 0.40 s"]
+    with pytest.raises(UserError):
+        check_frames(FPS_1, 0, [40], "slow-fusion", slow)  # 10 s clips
+    lstm = HEADS.make_config("deep-lstm", {})
+    assert check_frames(FPS_1, 30, [45, 12, 30, 7], "deep-lstm", lstm) == [
+        "2 of 4 videos have fewer than 30 stored frames; their frames were repeated to make 30"]
+    with pytest.raises(UserError, match="holds 20"):  # padded to 20 per video: every video would repeat
+        check_frames({**FPS_1, "frames": 20}, 30, [20, 20], "deep-lstm", lstm)
+    assert check_frames({**FPS_1, "frames": 120}, 30, [120], "deep-lstm", lstm) == []
+    ts = HEADS.make_config("ts-lstm", {})  # Ma et al.: 25 of any store with at least 25
+    assert check_frames(ALL_FRAMES, 25, [30, 200], "ts-lstm", ts) == []
+    with pytest.raises(UserError, match="reads 25 frames per video but the store holds 10"):
+        check_frames({**FRAMES_25, "frames": 10}, 25, [10], "ts-lstm", ts)
+
+
+def test_transfer_needs_a_source_run(store_25, tmp_path):
+    """Karpathy 4.2 retrains the top of a trained network: without --init-from the frozen layers are random."""
+    root, store = store_25
+    small = ("fc_dim=8", "tower_dims=8,8,8", "num_clips=2")
+    for ft in ("top", "top3"):
+        with pytest.raises(UserError, match="--init-from"):
+            _train(_stage_job(root, store, tmp_path, "single-frame", *small, f"finetune={ft}", "epochs=1"))
+    source = _train(_stage_job(root, store, tmp_path, "single-frame", *small, "epochs=1"))
+    top = _train(_stage_job(root, store, tmp_path, "single-frame", *small, "finetune=top", "epochs=2",
+                            init_from=str(source.path)))
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(source.path / "weights.safetensors")), load_file(str(top.path / "weights.safetensors"))
+    for k in a:  # the frozen layers are the source's, only the classifier moved
+        assert torch.equal(a[k], b[k]) == (not k.startswith("classifier")), k
+
+
+def test_transfer_to_other_classes_keeps_a_fresh_classifier():
+    source = build("slow-fusion", num_classes=7)
+    target = build("slow-fusion", num_classes=C)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    how = expand_network(source.state_dict(), target)
+    assert how["classifier.1.weight"] == how["classifier.1.bias"] == "fresh"
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, fresh[k] if k.startswith("classifier") else source.state_dict()[k]), k
+    with pytest.raises(ValueError):  # any other layer must fit
+        expand_network(build("slow-fusion", input_dim=D + 2).state_dict(), build("slow-fusion"))
+
+
+def test_views_are_averaged_as_scores_only_on_stored_views(store_25, tmp_path):
+    """`views=V` splits a frame into V views: on an averaged stream that would cut features into fake views."""
+    from pipeline.backbones import view_record
+
+    root, store = store_25
+    small = ("fc_dim=8", "tower_dims=8,8,8", "num_clips=2", "epochs=1")
+    with pytest.raises(UserError, match="needs a stream of stored views"):  # rgb has 6 dims: 2 "views" of 3
+        _train(_stage_job(root, store, tmp_path, "single-frame", *small, "views=2"))
+    m = _train(_stage_job(root, store, tmp_path, "single-frame", *small)).metrics
+    assert m["test_views"] == {"tta": "center", "views": 1, "averaged": "none"}
+
+    ten = {"tta": "10crop", "keep_views": True}
+    assert view_record(ten, ["rgb_views"], 10) == {"tta": "10crop", "views": 10, "averaged": "scores"}
+    assert view_record(ten, ["rgb", "flow"], None) == {"tta": "10crop", "views": 10, "averaged": "features"}
+    assert view_record(ten, ["rgb"], 1)["averaged"] == "features"
+    assert view_record({}, ["rgb"], None) == {"tta": "center", "views": 1, "averaged": "none"}
+    with pytest.raises(UserError, match="needs a stream of stored views"):
+        view_record(ten, ["rgb"], 10)
+    with pytest.raises(UserError, match="--set views=10"):
+        view_record(ten, ["rgb_views"], 1)
+    with pytest.raises(UserError, match="alone"):
+        view_record(ten, ["rgb_views", "flow_views"], 10)
+    with pytest.raises(UserError, match="only heads with a views key"):
+        view_record(ten, ["rgb_views"], None)

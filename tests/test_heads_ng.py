@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -444,7 +443,6 @@ def test_order_only_classes_need_order():
     late = _fit_and_score("late-pool", {"hidden": 32, "dropout": 0.0})
     assert lstm > 0.8 and slow > 0.8, (lstm, slow)
     assert late < chance + 0.15, late  # max over time sees the same set of frames in every class
-    assert math.isfinite(lstm + slow + late)
 
 
 def test_clip_heads_read_stored_views():

@@ -23,10 +23,12 @@ def _job(dataset, tmp_path, head, *sets, **kw):
 
 
 def test_clip_and_video_hit_at_k_side_by_side(dataset, tmp_path):
-    job = _job(dataset, tmp_path, "single-frame", "epochs=2", "fc_dim=16", "tower_dims=16,16,16", "num_clips=3")
+    job = _job(dataset, tmp_path, "single-frame", "epochs=8", "patience=8", "fc_dim=16", "tower_dims=16,16,16",
+               "num_clips=3", "optimizer=adam", "lr=3e-2", "dropout=0", "batch_size=8")
     m = st.train(job, progress=False, echo=lambda _: None).metrics
     assert m["clip"]["n_clips"] == 3 * m["n_test"]  # every evaluation clip scored on its own
-    assert 0 <= m["clip"]["hit@1"] <= 1 and 0 <= m["hit@1"] <= 1
+    # 3 classes (chance 1/3), readable from any single frame; a video averages 3 clips (Karpathy 4.1)
+    assert m["clip"]["hit@1"] >= 0.6 and m["hit@1"] >= 0.75, (m["clip"], m["hit@1"])
 
 
 def test_init_from_copies_the_trained_weights(dataset, tmp_path):

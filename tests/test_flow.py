@@ -255,3 +255,58 @@ def test_assemble_stacks_interleaves_x_and_y():
     assert tst.dtype == torch.uint8 and tst[0, :, 0, 0].tolist() == [0, 1, 10, 11, 20, 21]
     with pytest.raises(ValueError):
         assemble_stacks(flows[:2], pairs[:2], 8, [0, 5], 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Brox et al. 2004: gradient constancy survives an additive brightness change that brightness constancy cannot
+
+
+def horn_schunck(prev: np.ndarray, nxt: np.ndarray, alpha: float = 15.0, iters: int = 100, levels: int = 3):
+    """Horn and Schunck (1981), coarse to fine with warping: brightness constancy I1(p + w) = I0(p), quadratic
+    smoothness. The baseline that must fail the brightness test below (same convention as ``compute_flow``)."""
+    i0s, i1s = [prev.astype(np.float32)], [nxt.astype(np.float32)]
+    for _ in range(levels - 1):
+        i0s.append(cv2.pyrDown(i0s[-1]))
+        i1s.append(cv2.pyrDown(i1s[-1]))
+    w = np.zeros((2, *i0s[-1].shape), np.float32)
+    avg = np.array([[1, 2, 1], [2, 0, 2], [1, 2, 1]], np.float32) / 12  # HS's neighbourhood mean
+    for level in reversed(range(levels)):
+        i0, i1 = cv2.GaussianBlur(i0s[level], (5, 5), 1), cv2.GaussianBlur(i1s[level], (5, 5), 1)
+        if w.shape[1:] != i0.shape:
+            w = 2 * np.stack([cv2.resize(c, (i0.shape[1], i0.shape[0])) for c in w])
+        yy, xx = np.mgrid[0:i0.shape[0], 0:i0.shape[1]].astype(np.float32)
+        for _ in range(3):  # warps per level
+            iw = cv2.remap(i1, xx + w[0], yy + w[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            ix, iy = cv2.Sobel(iw, cv2.CV_32F, 1, 0, ksize=3) / 8, cv2.Sobel(iw, cv2.CV_32F, 0, 1, ksize=3) / 8
+            it, dw = iw - i0, np.zeros_like(w)
+            for _ in range(iters):  # the classic Jacobi update of the increment
+                ub = cv2.filter2D(w[0] + dw[0], -1, avg) - w[0]
+                vb = cv2.filter2D(w[1] + dw[1], -1, avg) - w[1]
+                r = (ix * ub + iy * vb + it) / (alpha**2 + ix**2 + iy**2)
+                dw = np.stack([ub - ix * r, vb - iy * r])
+            w = w + dw
+    return w
+
+
+def test_brox_survives_a_brightness_change_that_breaks_brightness_constancy(frames):
+    """Brox et al. (ECCV 2004) add gradient constancy to the data term so that an additive illumination change
+    between frames does not move the flow. The test: the error with the next frame 25 grey levels brighter stays
+    within twice the error on the unchanged pair. Horn-Schunck (brightness constancy only) must fail it while
+    recovering the unchanged pair as well as TV-L1 does, so the test tells the two data terms apart."""
+    img = (frames[1].astype(np.float32) * 0.75 + 20).astype(np.uint8)  # room for +25 without saturating
+    gt = smooth_field(4.0, seed=7)
+    prev, nxt = warp_pair(img, gt)
+    brighter = nxt + np.uint8(25)
+
+    def robust(clean: float, bright: float) -> bool:
+        return bright <= 2 * clean + 0.1
+
+    brox = compute_flow(np.stack([prev, prev]), np.stack([nxt, brighter]), "brox", batch_size=2)
+    brox_clean, brox_bright = epe(brox[0], gt), epe(brox[1], gt)
+    tvl1_bright = epe(compute_flow(prev[None], brighter[None], "tvl1")[0], gt)
+    hs_clean, hs_bright = epe(horn_schunck(prev, nxt), gt), epe(horn_schunck(prev, brighter), gt)
+    print(f"EPE clean / +25: brox {brox_clean:.3f} / {brox_bright:.3f}, tvl1 - / {tvl1_bright:.3f}, "
+          f"horn-schunck {hs_clean:.3f} / {hs_bright:.3f}")
+    assert robust(brox_clean, brox_bright) and brox_bright < 0.25 * tvl1_bright
+    assert hs_clean < 0.2  # a working flow method on the unchanged pair (~4 px of motion)...
+    assert not robust(hs_clean, hs_bright)  # ...that the brightness change breaks

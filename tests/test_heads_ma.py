@@ -31,8 +31,10 @@ def n_params(model) -> int:
 
 
 def lstm_params(i: int, h: int) -> int:
-    # PyTorch's LSTM: four gates, each with input weights, recurrent weights and two biases (b_ih, b_hh)
-    return 4 * (i * h + h * h + 2 * h)
+    """An LSTM layer of h cells over i inputs: the input, forget and output gates and the cell input each have an
+    input matrix [h, i] and a recurrent matrix [h, h]; cuDNN-style LSTMs (Torch's and PyTorch's, what the
+    paper's LSTM-512 runs on) carry two bias vectors per gate: 4 * (h * (i + h) + 2 * h)."""
+    return 4 * (h * (i + h) + 2 * h)
 
 
 def padded_batch(lengths, T=None, dim=D, seed=1):
@@ -185,14 +187,19 @@ def test_param_count_temporal_pool():
 
 
 def tcl(cin, cout, k):
-    return cin * cout * k + cout + 2 * cout  # 1 x k conv with bias, then BN (gamma, beta)
+    # a TCL: "1D kernels" along time (1 x k) with bias, then "a batch normalization layer right before each ReLU
+    # layer" (Sec. 4.3): gamma and beta per channel
+    return cin * cout * k + cout + 2 * cout
 
 
-G = 4096 * 1024 + 1024 + 2 * 1024 + 1024 * 101 + 101  # FC-1024, BN, FC-101
+# "G maps the output of the final TCL to a 1024-dimension vector", BN, then the softmax H over UCF101's 101 classes
+G = 4096 * 1024 + 1024 + 2 * 1024 + 1024 * 101 + 101
 
 
 def test_param_count_temporal_inception():
-    # four multi-flow modules (k=5 || k=7), each flow as wide as the module input: 1 -> 2 -> 4 -> 8 -> 16 channels
+    # TemConv(x) = H(G(F(F(F(F(x, W1), W2), W3), W4))), F(x, Wi) = (TCL1(x; Wi1), TCL2(x; Wi2)) with "kernel sizes of
+    # 5 and 7"; the 4096 x N feature matrix enters as one channel and every module's concatenation doubles the
+    # filter dimension: each flow as wide as the module input, 1 -> 2 -> 4 -> 8 -> 16 channels
     modules = sum(tcl(c, c, 5) + tcl(c, c, 7) for c in (1, 2, 4, 8))
     fusion = sum(cin * cout + cout + 2 * cout for cin, cout in ((16, 4), (4, 2), (2, 1)))  # Conv1,4 Conv1,2 Conv1,1
     assert n_params(paper("temporal-inception")) == modules + fusion + G

@@ -101,6 +101,55 @@ def test_train_defaults_follow_the_papers():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# parameter counts derived from the papers' text (UCF101: 101 classes)
+
+UCF101 = 101
+GOOGLENET = 1000  # Ng Sec. 3.1: FC layers "on top of the 1000D output" of GoogLeNet's average pooling layer
+
+
+def _paper_head(name, input_dim, **overrides):
+    cfg = HEADS.make_config(name, overrides)
+    return HEADS.get(name).builder(cfg, input_dim, UCF101, (input_dim,))
+
+
+def _n(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fc(i: int, o: int) -> int:
+    return i * o + o
+
+
+def _lstm_eq_3_to_7(i: int, h: int) -> int:
+    """One layer of Ng Eq. 3-7: W_x{i,f,c,o} [h, i], W_h{i,f,c,o} [h, h], b_{i,f,c,o} [h], and the diagonal
+    peepholes W_ci, W_cf, W_co (one weight per cell)."""
+    return 4 * (h * i + h * h + h) + 3 * h
+
+
+def test_param_counts_of_ng_heads_follow_the_text():
+    # "two fully connected layers of size 4096 with ReLU activations on top of the 1000D output but before softmax"
+    top = _fc(GOOGLENET, 4096) + _fc(4096, 4096) + _fc(4096, UCF101)
+    assert _n(_paper_head("conv-pool", GOOGLENET, grid=1)) == top
+    assert _n(_paper_head("late-pool", GOOGLENET)) == top  # the same layers, before the max instead of after
+    # Slow Pooling: "each max-pooling layer is then followed by a fully-connected layer" (two stages of 4096)
+    assert _n(_paper_head("slow-pool", GOOGLENET)) == top
+    # Local Pooling: two shared FC layers, then "a larger softmax layer connected to all towers": 30 frames,
+    # windows of 10 every 5 -> towers at 0, 5, 10, 15, 20
+    towers = len(range(0, 30 - 10 + 1, 5))
+    assert _n(_paper_head("local-pool", GOOGLENET)) == _fc(GOOGLENET, 4096) + _fc(4096, 4096) + _fc(towers * 4096, UCF101)
+    # Time-Domain Convolution: "256 kernels of size 3 x 3 across 10 frames" over a C-channel conv map
+    channels, grid = 32, 3
+    conv = _paper_head("time-conv", channels * grid * grid, grid=grid).conv
+    assert _n(conv) == 256 * channels * 10 * 3 * 3 + 256
+
+
+def test_param_count_of_the_deep_lstm_follows_eq_3_to_7():
+    # Sec. 3.2: "five stacked LSTM layers, each with 512 memory cells", then a softmax shared across time steps
+    want = _lstm_eq_3_to_7(GOOGLENET, 512) + 4 * _lstm_eq_3_to_7(512, 512) + _fc(512, UCF101)
+    assert _n(_paper_head("deep-lstm", GOOGLENET)) == want
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Ng et al. pooling: window arithmetic
 
 

@@ -3,6 +3,8 @@ stream LSTMs and score fusion. Small inputs, CPU, one thread."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -223,14 +225,16 @@ def test_mkl_objective_decreases_over_the_iterations():
     mkl, kernels, y = _mkl_problem()
     values = [mkl_objective(b, kernels, y)[0] for b in mkl.weight_history_]
     assert len(values) >= 3
-    assert all(b <= a + 1e-6 * abs(a) for a, b in zip(values, values[1:])), values
+    assert all(b <= a + 1e-6 * abs(a) for a, b in itertools.pairwise(values)), values
     assert values[-1] < values[0] - 1e-3 * abs(values[0]), values  # it moved from the uniform start
 
 
 def test_mkl_matches_a_generic_solver():
     """The same problem, min D(beta) over beta >= 0, ||beta||_2 <= 1, solved by scipy's SLSQP."""
     mkl, kernels, y = _mkl_problem()
-    fun = lambda b: mkl_objective(b, kernels, y)  # noqa: E731
+    def fun(b):
+        return mkl_objective(b, kernels, y)
+
     res = minimize(fun, np.full(3, 3 ** -0.5), jac=True, method="SLSQP", bounds=[(0, None)] * 3,
                    constraints=[{"type": "ineq", "fun": lambda b: 1 - b @ b, "jac": lambda b: -2 * b}],
                    options={"ftol": 1e-10, "maxiter": 200})

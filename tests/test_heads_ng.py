@@ -557,8 +557,8 @@ def test_ng_heads_refuse_more_frames_than_the_store_holds(store_25, tmp_path):
     with pytest.raises(UserError, match="reads 30 frames"):
         _train(_stage_job(root, store, tmp_path, "deep-lstm", "hidden=8", "layers=1"))
     m = _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8", "epochs=1", "frames=25")).metrics
-    assert m["warnings"] == [("late-pool was designed for 1 frame per second; the store holds 25 equally spaced "
-                              "frames per video")]
+    assert m["warnings"] == [("late-pool follows a paper that sampled 1 / 6 / 30 frames per second; the store holds "
+                              "25 equally spaced frames per video")]
 
 
 def test_karpathy_clips_refuse_a_sparse_store_unless_told(store_25, tmp_path):
@@ -588,6 +588,8 @@ def test_check_frames_cases():
     with pytest.raises(UserError, match="holds 20"):  # padded to 20 per video: every video would repeat
         check_frames({**FPS_1, "frames": 20}, 30, [20, 20], "deep-lstm", lstm)
     assert check_frames({**FPS_1, "frames": 120}, 30, [120], "deep-lstm", lstm) == []
+    assert check_frames({**FPS_1, "fps": 6.0, "frames": 30}, 30, [30], "deep-lstm", lstm) == []  # UCF-101, Table 6
+    assert "sampled 1 / 6 / 30 frames per second" in check_frames({**FPS_1, "fps": 2.0}, 30, [30], "x", lstm)[0]
     ts = HEADS.make_config("ts-lstm", {})  # Ma et al.: 25 of any store with at least 25
     assert check_frames(ALL_FRAMES, 25, [30, 200], "ts-lstm", ts) == []
     with pytest.raises(UserError, match="reads 25 frames per video but the store holds 10"):

@@ -57,7 +57,9 @@ __all__ = [
 
 # Section 3.3: Downpour SGD, learning rate 1e-5, momentum 0.9, weight decay 0.0005; Section 1 / 4.1: 1 fps,
 # 30-frame models (expanded to 120 frames, see pipeline.clips.expand_network).
-NG_FRAME_RATE = 1.0  # Sec. 4.1: "we sample frames at 1 frame per second" (pipeline.features.check_frames)
+# Sec. 4.1: Sports-1M "sampled at a frame rate of 1fps"; Sec. 4.2 / Table 6: UCF-101 at 30 and 6 fps (and 1 fps,
+# "no further improvements"). Rates a store may have without a note (pipeline.features.check_frames).
+NG_FRAME_RATE = (1.0, 6.0, 30.0)
 NG_TRAIN_DEFAULTS: dict = {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.9, "weight_decay": 5e-4, "frames": 30}
 
 
@@ -143,7 +145,7 @@ class ConvPoolConfig:
     fc_layers: int = 2
     dropout: float = 0.6  # Sec. 3: dropout ratio 0.6 on the FC layers (keep 40%)
     train_defaults: ClassVar[dict] = NG_TRAIN_DEFAULTS
-    frame_rate: ClassVar[float] = NG_FRAME_RATE
+    frame_rate: ClassVar[tuple] = NG_FRAME_RATE
 
     def __post_init__(self):
         _check_common(self)
@@ -159,7 +161,7 @@ class LatePoolConfig:
     fc_layers: int = 2  # "passes convolutional features through two fully connected layers"
     dropout: float = 0.6
     train_defaults: ClassVar[dict] = NG_TRAIN_DEFAULTS
-    frame_rate: ClassVar[float] = NG_FRAME_RATE
+    frame_rate: ClassVar[tuple] = NG_FRAME_RATE
 
     def __post_init__(self):
         _check_common(self)
@@ -175,7 +177,7 @@ class SlowPoolConfig:
     fc_layers: int = 1  # FC layers after each of the two max-pooling stages
     dropout: float = 0.6
     train_defaults: ClassVar[dict] = NG_TRAIN_DEFAULTS
-    frame_rate: ClassVar[float] = NG_FRAME_RATE
+    frame_rate: ClassVar[tuple] = NG_FRAME_RATE
 
     def __post_init__(self):
         _check_common(self)
@@ -193,7 +195,7 @@ class LocalPoolConfig:
     fc_layers: int = 2
     dropout: float = 0.6
     train_defaults: ClassVar[dict] = NG_TRAIN_DEFAULTS
-    frame_rate: ClassVar[float] = NG_FRAME_RATE
+    frame_rate: ClassVar[tuple] = NG_FRAME_RATE
 
     def __post_init__(self):
         _check_common(self)
@@ -214,7 +216,7 @@ class TimeConvConfig:
     fc_layers: int = 2
     dropout: float = 0.6
     train_defaults: ClassVar[dict] = NG_TRAIN_DEFAULTS
-    frame_rate: ClassVar[float] = NG_FRAME_RATE
+    frame_rate: ClassVar[tuple] = NG_FRAME_RATE
 
     def __post_init__(self):
         _check_common(self)

@@ -79,7 +79,7 @@ def check_frames(sampling: dict | None, frames: int, lengths: Sequence[int], hea
     if frames > 0:
         if fixed and fixed < frames:
             raise UserError(f"{head} reads {frames} frames per video but the store holds {fixed} ({how}): "
-                            f"--set frames={fixed}, or extract {frames} frames (e.g. --fps 1 --frames {frames})")
+                            f"--set frames={fixed}, or extract with --frames {frames} (or --fps RATE --frames {frames})")
         short = sum(n < frames for n in lengths)
         if short:
             notes.append(f"{short} of {len(lengths)} videos have fewer than {frames} stored frames; "

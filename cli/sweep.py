@@ -74,9 +74,11 @@ def report(runs_dir, out):
 
     from stages.report import write_report
 
-    warnings.formatwarning = lambda message, *args, **kw: f"warning: {message}\n"  # one line, no source path
-
-    paths = write_report(runs_dir, out)
+    with warnings.catch_warnings(record=True) as caught:  # printed here as one line each, no source path
+        warnings.simplefilter("always")
+        paths = write_report(runs_dir, out)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     for p in paths.values():
         click.echo(str(p))
 

@@ -81,7 +81,7 @@ class Registry:
 # The generic range rules of ``check_config``, by field name: an int is a size or a count (>= 1) unless named here.
 INT_MAY_BE_ZERO = {"fc", "num_clips", "clip_seed", "seed", "stream"}  # 0 means "none", "every" or an index
 INT_NONZERO = {"n_jobs"}  # joblib: -1 is every core, 0 is invalid
-FLOAT_POSITIVE = {"C", "tol", "gamma", "lr"}  # > 0; any other float is >= 0 (a weight, a penalty, a rate)
+FLOAT_POSITIVE = {"C", "tol", "gamma"}  # > 0; any other float is >= 0 (a weight, a penalty, a rate)
 FLOAT_AT_LEAST_ONE = {"p"}  # lp-norm MKL
 
 
@@ -92,7 +92,8 @@ def _range_problem(key: str, value: Any) -> str | None:
     if isinstance(value, (tuple, list)):
         if not value:
             return "needs at least one value"
-        return next((f"{p} (got {v!r})" for v in value if (p := _range_problem(key, v))), None)
+        problems = [p for v in value if (p := _range_problem(key, v))]
+        return problems[0] if problems else None
     if isinstance(value, int):
         if key in INT_NONZERO:
             return "must not be 0" if value == 0 else None
@@ -112,11 +113,14 @@ def _range_problem(key: str, value: Any) -> str | None:
 
 
 def check_config(cfg: Any, what: str) -> None:
-    """Range-check every field of a config dataclass by its name and value, and its ``choices`` (a class-level
+    """Range-check every field of a config dataclass by its name and type, and its ``choices`` (a class-level
     ``{field: allowed values}``), raising one ``RegistryError`` line that names the first bad key."""
     choices = getattr(cfg, "choices", None) or {}
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if type(value) is int and float in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
+            value = float(value)  # a float field given as an int from Python: checked as the float it means
         if f.name in choices and value not in choices[f.name]:
             problem = f"choose one of {', '.join(map(str, choices[f.name]))}"
         else:

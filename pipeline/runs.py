@@ -136,7 +136,11 @@ class RunDir:
             os.close(fd)  # closing the only descriptor of the open file drops the flock
 
     def __del__(self):
-        self.release()
+        if getattr(self, "_lock", None) is not None:
+            try:
+                self.release()
+            except OSError:
+                pass  # interpreter shutdown: the kernel drops the lock with the process
 
     @property
     def complete(self) -> bool:

@@ -243,6 +243,8 @@ def test_a_sweep_file_with_a_bad_value_is_refused_before_the_first_run_dry_run_t
 
     with pytest.raises(UserError, match="hidden"):
         resolve_configs("ts-lstm", {"hidden": (512, -1)})  # values that are not strings are checked as well
+    with pytest.raises(UserError, match="dropout=7.0: is a drop probability"):
+        resolve_configs("lstm", {"dropout": 7})  # an int for a float field is checked as that float
 
 
 @pytest.mark.faults

@@ -756,7 +756,8 @@ class StoreWriter:
         lengths = {k: len(v) for k, v in features.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"{video_id}: streams differ in length {lengths}")
-        stored = {k: np.asarray(v, np.float16) for k, v in features.items()}
+        with np.errstate(over="ignore"):  # beyond float16's range becomes Inf, refused just below
+            stored = {k: np.asarray(v, np.float16) for k, v in features.items()}
         bad = {k: int((~np.isfinite(v)).sum()) for k, v in stored.items()}
         bad = {k: n for k, n in bad.items() if n}
         if bad:

@@ -322,6 +322,8 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     """Extract features of every video of ``dataset`` into the store ``out``. Resumable and idempotent."""
     from pipeline.datasets import load_manifest
     from pipeline.store import StoreLock
+    from pipeline.video import choose_backend
+    from stages.finetune import check_checkpoints
 
     check_settings(cfg, opts)
     t_start = time.perf_counter()
@@ -338,32 +340,45 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
         digest = ids_digest([v.id for v in manifest.videos])
         if committed_shard(out, i, n, [v.id for v in videos], digest) is not None and not opts.retry_failed:
             return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
+    device = resolve_device(opts.device)
+    decoder = choose_backend(cfg.decoder, device)
+    # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
+    check_checkpoints(cfg)
     out = Path(out)
     if not _probe_store(out, videos, opts, writer_name if opts.shard is not None else None):
         return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
+    new = not (out / "store.json").exists()
     # One plain writer per store on this machine, or distinct shards: a second one stops here, naming the first.
     lock = StoreLock(out, shard=writer_name if opts.shard is not None else None).acquire()
     try:
-        return _extract_locked(manifest, videos, writer_name, out, cfg, opts, t_start, log)
+        return _extract_locked(manifest, videos, writer_name, out, cfg, opts, t_start, device, decoder)
+    except BaseException:
+        if new and not (out / "store.json").exists():  # stopped before the store was created: leave no folder
+            _remove_empty_store(out)
+        raise
     finally:
         lock.release()
 
 
+def _remove_empty_store(out: Path) -> None:
+    from pipeline.store import LOCK_NAME
+
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    for d in (out / "parts", out):
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            return
+
+
 def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig, opts: RunOptions, t_start: float,
-                    log) -> Summary:
+                    device: str, decoder: str) -> Summary:
     import torch
     from tqdm import tqdm
 
     from pipeline.store import FeatureStore, atomic_write_text, read_errors
-    from pipeline.video import choose_backend
     from stages.isolation import isolated_map
 
-    device = resolve_device(opts.device)
-    decoder = choose_backend(cfg.decoder, device)
-    # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
-    from stages.finetune import check_checkpoints
-
-    check_checkpoints(cfg)
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)

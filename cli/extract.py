@@ -209,7 +209,7 @@ def verify(store, repair):
         click.echo(f"moved   {part} to quarantine/")
     n_videos = len({v for f in damaged for v in f.videos})
     click.echo(f"verified {counts['parts']} parts, {counts['videos']} videos: "
-               f"{len(damaged)} damaged part(s)" + (f" holding {n_videos} videos" if damaged else "")
+               f"{len(damaged)} damaged part(s)" + (f" holding {n_videos} videos" if n_videos else "")
                + ("; moved aside, the next `twostream extract` redoes their videos" if moved else "")
                + ("; rerun with --repair to move them aside" if damaged and not repair else ""))
     if damaged and not repair:

@@ -852,6 +852,15 @@ def _non_finite(arr: np.ndarray) -> int:
     return int((~np.isfinite(arr)).sum())
 
 
+def _ids_if_readable(part: Path) -> list[str]:
+    """The ids a damaged part still names, if it can be opened at all (for the report)."""
+    try:
+        with h5py.File(part, "r") as f:
+            return _strings(f["ids"])
+    except Exception:  # noqa: BLE001 - damaged in some other way: the report just has no ids
+        return []
+
+
 def verify_store(path: str | os.PathLike) -> tuple[list[Finding], dict[str, int]]:
     """Check every committed part of a store; return the findings and counts (parts, videos).
 
@@ -870,7 +879,7 @@ def verify_store(path: str | os.PathLike) -> tuple[list[Finding], dict[str, int]
         try:
             p = read_part_index(part)
         except DamagedPart as e:
-            findings.append(Finding(rel, e.why))
+            findings.append(Finding(rel, e.why, videos=_ids_if_readable(part)))
             continue
         except StoreError as e:
             findings.append(Finding(rel, str(e).removeprefix(f"{part}: ")))

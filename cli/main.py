@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-data": ("cli.extract", "demo_data", "Write the demo dataset (UCF101 layout) to DIR."),
     "extract": ("cli.extract", "extract", "Stage one: videos -> HDF5 feature store (resumable)."),
     "info": ("cli.extract", "info", "What a feature store holds."),
+    "verify": ("cli.extract", "verify", "Check every part of a feature store; --repair moves damaged ones aside."),
     "merge": ("cli.merge", "merge", "Verify the shards of a sharded store and write its index."),
     "train": ("cli.train", "train", "Stage two: train a head on cached features."),
     "heads": ("cli.train", "heads", "List registered heads and their config keys."),

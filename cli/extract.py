@@ -24,16 +24,18 @@ def demo_data(out_dir, seed):
 def _sampling(frames, fps, all_frames, max_frames):
     from pipeline.sampling import Sampling
 
-    if all_frames and fps:
+    if all_frames and fps is not None:
         raise click.UsageError("--all-frames and --fps exclude each other")
     try:
         if all_frames:
             return Sampling(mode="all", frames=None)
-        if fps:
+        if fps is not None:
             return Sampling(mode="fps", fps=fps, frames=frames, max_frames=max_frames)
-        return Sampling(mode="frames", frames=frames or 25)
+        return Sampling(mode="frames", frames=25 if frames is None else frames)
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        from pipeline.errors import UserError
+
+        raise UserError(str(e)) from None
 
 
 def _flow_params(items):
@@ -181,6 +183,38 @@ def info(store, as_json):
     if "flow" in cfg:
         f = cfg["flow"]
         click.echo(f"flow       {f['method']} bound={f['bound']} stack={f['stack']}")
-    click.echo(f"errors     {d['errors']}")
+    if d["duplicates"]:
+        click.echo(f"duplicates {d['duplicates']} videos committed twice (read from the first part; "
+                   "`twostream verify` names them)")
+    click.echo(f"errors     {d['errors']} videos")
     for e in errors[:10]:
         click.echo(f"  {e.get('id')}: {e.get('stage')} {e.get('error')}: {e.get('message')}")
+
+
+@click.command("verify")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Move damaged parts to STORE/quarantine/ (never deleted); the next "
+                                              "extract redoes their videos.")
+def verify(store, repair):
+    """Check every part of STORE (readable, consistent, checksum, finite, unique); exit 1 if any is damaged."""
+    from pipeline.store import StoreLock, quarantine, verify_store
+
+    lock = StoreLock(store).acquire() if repair else None  # no writer may commit while parts move
+    try:
+        findings, counts = verify_store(store)
+        damaged = [f for f in findings if f.damage]
+        for f in findings:
+            click.echo(f"{'damaged' if f.damage else 'note   '} {f.part}: {f.why}", err=f.damage)
+        moved = quarantine(store, damaged) if repair else []
+    finally:
+        if lock is not None:
+            lock.release()
+    for part in moved:
+        click.echo(f"moved   {part} to quarantine/")
+    n_videos = len({v for f in damaged for v in f.videos})
+    click.echo(f"verified {counts['parts']} parts, {counts['videos']} videos: "
+               f"{len(damaged)} damaged part(s)" + (f" holding {n_videos} videos" if n_videos else "")
+               + ("; moved aside, the next `twostream extract` redoes their videos" if moved else "")
+               + ("; rerun with --repair to move them aside" if damaged and not repair else ""))
+    if damaged and not repair:
+        raise SystemExit(1)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-data": ("cli.extract", "demo_data", "Write the demo dataset (UCF101 layout) to DIR."),
     "extract": ("cli.extract", "extract", "Stage one: videos -> HDF5 feature store (resumable)."),
     "info": ("cli.extract", "info", "What a feature store holds."),
+    "verify": ("cli.extract", "verify", "Check every part of a feature store; --repair moves damaged ones aside."),
     "merge": ("cli.merge", "merge", "Verify the shards of a sharded store and write its index."),
     "train": ("cli.train", "train", "Stage two: train a head on cached features."),
     "heads": ("cli.train", "heads", "List registered heads and their config keys."),
@@ -50,12 +51,19 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors end in one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors end in one line on stderr and exit code 2, never a traceback.
+
+    Exit codes: 0 done, 1 some work failed (e.g. a sweep's failed runs), 2 a user error (bad setting, missing or
+    damaged input, unwritable output), 130 interrupted (Ctrl-C).
+    """
     from pipeline.errors import UserError
 
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, EOFError):  # click turns any EOFError into Abort: a truncated file, not Ctrl-C
+            click.echo(f"error: unexpected end of a file ({e.__cause__ or 'EOFError'})", err=True)
+            sys.exit(1)
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.exceptions.ClickException as e:

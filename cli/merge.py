@@ -15,3 +15,7 @@ def merge(store, checksums):
     r = run_merge(store, checksums=checksums)
     click.echo(f"verified {r['shards']} shards of a {r['manifest_videos']}-video manifest: {r['videos']} videos "
                f"in {r['parts']} parts, {r['failed']} failed (see errors.jsonl); wrote {r['index']}")
+    for vid, parts in list(r["duplicates"].items())[:10]:
+        click.echo(f"  duplicate {vid}: in {', '.join(parts)} (read from the first)", err=True)
+    if r["duplicates"]:
+        click.echo(f"  {len(r['duplicates'])} video(s) committed more than once", err=True)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from cli.train import _parse_list, _parse_sets
+from cli.train import _parse_list, _parse_sets, set_option
 
 
 @click.command(context_settings={"show_default": True})
@@ -20,8 +20,7 @@ from cli.train import _parse_list, _parse_sets
 @click.option("--split-dir", type=click.Path(), default=None, help="Folder of split files, if not under the root.")
 @click.option("--out", default="runs", type=click.Path(file_okay=False), help="Folder of run directories.")
 @click.option("--jobs", "-j", type=int, default=1, help="Worker processes (with CUDA they share the GPUs).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a key in every run (repeatable; after the file's own settings).")
+@set_option("Override keys in every run: --set a=1 b=2 (repeatable; after the file's own settings).")
 @click.option("--device", default="auto", help="auto (GPU k mod n for worker k when there is CUDA), cpu or cuda:N.")
 @click.option("--cache-gb", type=float, default=4.0, help="Features each worker keeps in memory across its runs.")
 @click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
@@ -32,15 +31,18 @@ def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_
     import time
 
     from pipeline.store import FeatureStore
-    from stages.sweep import dedupe, describe, expand, load_sweep, run_sweep
+    from stages.sweep import check_streams, dedupe, describe, expand, load_sweep, run_sweep
     from stages.train import default_streams
 
     if jobs < 1:
         raise click.BadParameter("must be at least 1", param_hint="--jobs")
+    # every run of the file is resolved and checked (head, keys, ranges, streams) before the first one starts
     spec = load_sweep(sweep_file)
     expanded = expand(spec, store, dataset, out, overrides=_parse_sets(sets), device=device, split_dir=split_dir,
                       allow_missing=allow_missing)
-    runs = dedupe(expanded, default_streams(FeatureStore.open(store).streams))
+    available = FeatureStore.open(store).streams
+    runs = dedupe(expanded, default_streams(available))
+    check_streams(runs, available)
     dropped = len(expanded) - len(runs)
     click.echo(f"{sweep_file}: {len(runs)} runs" + (f" ({dropped} duplicates dropped)" if dropped else "")
                + f", {jobs} worker{'s' if jobs > 1 else ''}, out {out}")
@@ -66,10 +68,17 @@ def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_
 @click.argument("runs_dir", metavar="RUNS", type=click.Path(file_okay=False))
 @click.option("--out", default="report", type=click.Path(file_okay=False), help="Folder for the report files.")
 def report(runs_dir, out):
-    """Leaderboard (CSV, markdown) and a self-contained HTML report over the complete runs under RUNS."""
+    """Leaderboard (CSV, markdown) and a self-contained HTML report over the complete runs under RUNS; a damaged
+    run is skipped with a warning naming it."""
+    import warnings
+
     from stages.report import write_report
 
-    paths = write_report(runs_dir, out)
+    with warnings.catch_warnings(record=True) as caught:  # printed here as one line each, no source path
+        warnings.simplefilter("always")
+        paths = write_report(runs_dir, out)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     for p in paths.values():
         click.echo(str(p))
 

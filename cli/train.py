@@ -5,7 +5,36 @@ Heavy imports (torch, h5py, matplotlib) happen inside the commands, so ``--help`
 
 from __future__ import annotations
 
+import re
+
 import click
+
+_KEY_VALUE = re.compile(r"[A-Za-z_][\w.]*=")  # what a setting looks like: key=..., head.key=..., train.key=...
+
+
+class KeyValueOption(click.Option):
+    """A repeatable option whose occurrence takes every following ``key=value`` argument: ``--set a=1 b=2`` is
+    ``--set a=1 --set b=2`` (the README's form; the order of settings is kept, later ones win)."""
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = parser._long_opt.get(name) or parser._short_opt.get(name)  # click's parser has no public hook
+            opt.process = self._greedy(opt.process)
+
+    @staticmethod
+    def _greedy(process):
+        def take(value, state) -> None:
+            process(value, state)
+            while state.rargs and _KEY_VALUE.match(state.rargs[0]):
+                process(state.rargs.pop(0), state)
+
+        return take
+
+
+def set_option(help_text: str):
+    """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable; shared by train and sweep."""
+    return click.option("--set", "sets", cls=KeyValueOption, multiple=True, metavar="KEY=VALUE...", help=help_text)
 
 
 def _parse_sets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -43,8 +72,7 @@ def _parse_list(text: str | None, what: str, cast=str) -> list | None:
 @click.option("--head", default="ts-lstm", help="Registered head (see `twostream heads`).")
 @click.option("--streams", default=None, help="rgb, flow or rgb,flow (concatenated per frame). [default: rgb,flow "
               "where the store has them]")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a head-config or train key (repeatable); head.KEY / train.KEY to be explicit.")
+@set_option("Override head-config or train keys: --set a=1 b=2 (repeatable); head.KEY / train.KEY to be explicit.")
 @click.option("--out", default="runs", type=click.Path(file_okay=False), help="Folder of run directories.")
 @click.option("--seed", type=int, default=0, help="Seed of initial weights, batch order and validation carving.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")

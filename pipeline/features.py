@@ -153,6 +153,20 @@ def carve_validation(items: Sequence, fraction: float, seed: int = 0) -> tuple[l
     return train, val
 
 
+def _check_finite(arr: np.ndarray, video_id: str, stream: str) -> None:
+    """Refuse a video whose stored features hold NaN or Inf: a head would train on them without a word and every
+    score it gives would be NaN. One vectorised pass over the array as it is read; for float16 a bit test (exponent
+    all ones: Inf or NaN), twice as fast as ``np.isfinite``."""
+    if arr.dtype == np.float16:
+        finite = not ((arr.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    else:
+        finite = bool(np.isfinite(arr).all())
+    if not finite:
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise UserError(f"video {video_id}: its {stream} features hold {bad} non-finite values (NaN or Inf); "
+                        "re-extract it or remove it from the store")
+
+
 def _n_stored(store, ids: Sequence[str]) -> list[int]:
     """Stored frame counts, without reading features."""
     if hasattr(store, "lengths"):
@@ -188,7 +202,10 @@ class VideoFeatures(torch.utils.data.Dataset):
             self._data = self._load_all(chunk)
 
     def _read(self, stream: str, ids: Sequence[str]) -> list[np.ndarray]:
-        return self.store.load(stream, ids) if hasattr(self.store, "load") else [self.store.get(v, stream) for v in ids]
+        arrays = self.store.load(stream, ids) if hasattr(self.store, "load") else [self.store.get(v, stream) for v in ids]
+        for video_id, arr in zip(ids, arrays):
+            _check_finite(arr, video_id, stream)
+        return arrays
 
     def _load_all(self, chunk: int):
         N = len(self.ids)
@@ -219,6 +236,8 @@ class VideoFeatures(torch.utils.data.Dataset):
         if self._data is not None:
             return self._data[i]
         parts = [self.store.get(self.ids[i], s) for s in self.streams]  # each [T_stored, d]
+        for s, arr in zip(self.streams, parts):
+            _check_finite(arr, self.ids[i], s)
         x = np.concatenate(parts, axis=1)
         if self.frames > 0:
             x = x[sample_frames(len(x), self.frames)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, what: str):
+    def __init__(self, what: str, check_ranges: bool = False):
         self.what = what
+        self.check_ranges = check_ranges  # heads: every config passes ``check_config`` before any work starts
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, config_cls: type, kind: str = "torch"):
@@ -70,7 +72,62 @@ class Registry:
             if key not in fields:
                 raise RegistryError(f"{self.what} {name!r} has no key {key!r}; valid keys: {', '.join(fields)}")
             kwargs[key] = parse_value(value, hints[key], f"{name}.{key}") if isinstance(value, str) else value
-        return cls(**kwargs)
+        cfg = cls(**kwargs)  # a config's own __post_init__ checks what needs more than the generic rules
+        if self.check_ranges:
+            check_config(cfg, f"{self.what} setting {name}")
+        return cfg
+
+
+# The generic range rules of ``check_config``, by field name: an int is a size or a count (>= 1) unless named here.
+INT_MAY_BE_ZERO = {"fc", "num_clips", "clip_seed", "seed", "stream"}  # 0 means "none", "every" or an index
+INT_NONZERO = {"n_jobs"}  # joblib: -1 is every core, 0 is invalid
+FLOAT_POSITIVE = {"C", "tol", "gamma"}  # > 0; any other float is >= 0 (a weight, a penalty, a rate)
+FLOAT_AT_LEAST_ONE = {"p"}  # lp-norm MKL
+
+
+def _range_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is out of range for a config field named ``key`` (None when it is fine)."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, (tuple, list)):
+        if not value:
+            return "needs at least one value"
+        problems = [p for v in value if (p := _range_problem(key, v))]
+        return problems[0] if problems else None
+    if isinstance(value, int):
+        if key in INT_NONZERO:
+            return "must not be 0" if value == 0 else None
+        low = 0 if key in INT_MAY_BE_ZERO else 1
+        return f"must be >= {low}" if value < low else None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if key.startswith("dropout"):
+            return None if 0 <= value < 1 else "is a drop probability in [0, 1)"
+        if key in FLOAT_POSITIVE:
+            return "must be > 0" if value <= 0 else None
+        if key in FLOAT_AT_LEAST_ONE:
+            return "must be >= 1" if value < 1 else None
+        return "must be >= 0" if value < 0 else None
+    return None
+
+
+def check_config(cfg: Any, what: str) -> None:
+    """Range-check every field of a config dataclass by its name and type, and its ``choices`` (a class-level
+    ``{field: allowed values}``), raising one ``RegistryError`` line that names the first bad key."""
+    choices = getattr(cfg, "choices", None) or {}
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if type(value) is int and float in (hints.get(f.name), *typing.get_args(hints.get(f.name))):
+            value = float(value)  # a float field given as an int from Python: checked as the float it means
+        if f.name in choices and value not in choices[f.name]:
+            problem = f"choose one of {', '.join(map(str, choices[f.name]))}"
+        else:
+            problem = _range_problem(f.name, value)
+        if problem:
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise RegistryError(f"invalid {what}: {f.name}={shown}: {problem}")
 
 
 def parse_value(text: str, hint: Any, where: str) -> Any:
@@ -112,5 +169,5 @@ def config_fields(config_cls: type) -> list[tuple[str, Any]]:
     return out
 
 
-HEADS = Registry("head")
+HEADS = Registry("head", check_ranges=True)
 BACKBONES = Registry("backbone")

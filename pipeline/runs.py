@@ -15,20 +15,30 @@ seed, store and manifest fingerprints), holds::
     COMPLETE            written last; a directory without it is a run that did not finish and is redone
 
 Every file is written to ``NAME.partial`` and renamed, so a reader never sees half a file.
+
+One process at a time writes a run directory: ``RunDir.claim`` takes an exclusive ``fcntl.flock`` on
+``OUT/.<head>-<hash12>.lock`` (next to the directory, which ``start`` removes and recreates) and holds it until
+``mark_complete``. The kernel drops the lock when its holder dies, however it dies, so a directory without
+``COMPLETE`` and without a live holder is a run that did not finish; the next claimant resets it. A second
+process that finds the lock held says so and waits; when it gets the lock the run is usually complete (cached).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RunDir", "config_hash", "write_summary"]
+from pipeline.errors import UserError
+
+__all__ = ["RunDir", "config_hash", "ensure_writable", "write_summary"]
 
 COMPLETE = "COMPLETE"
 
@@ -40,6 +50,20 @@ def _canonical(obj: Any) -> str:
 def config_hash(config: dict) -> str:
     """First 12 hex digits of the SHA-256 of the canonical JSON of ``config``."""
     return hashlib.sha256(_canonical(config).encode()).hexdigest()[:12]
+
+
+def ensure_writable(out: str | os.PathLike) -> Path:
+    """Create the runs folder ``out`` if needed and make sure files can be created in it; ``UserError`` (one line)
+    otherwise, so a run is refused before any feature is loaded."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write runs to {out}: {e.strerror or e}") from None
+    return out
 
 
 def _atomic(path: Path, write) -> None:
@@ -74,13 +98,58 @@ class RunDir:
         self.hash = config_hash(config)
         self.name = f"{head}-{self.hash}"
         self.path = Path(out) / self.name
+        self.lock_path = Path(out) / f".{self.name}.lock"
+        self._lock: int | None = None  # file descriptor holding the flock while this process owns the run
+
+    def claim(self, echo: Callable[[str], None] = print) -> None:
+        """Make this process the only writer of the run directory (blocking flock on ``lock_path``).
+
+        When another live process holds the run, says so through ``echo`` and waits for it. Check ``complete``
+        afterwards: the other process has usually finished the run. Raises ``UserError`` when ``OUT`` cannot be
+        written.
+        """
+        if self._lock is not None:
+            return
+        ensure_writable(self.path.parent)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write runs to {self.path.parent}: {e.strerror or e}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                echo(f"{self.name} is being trained by process {holder}; waiting for it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock = fd
+
+    def release(self) -> None:
+        """Give up the run's lock (``mark_complete`` does this; the kernel does it when the process ends)."""
+        if self._lock is not None:
+            fd, self._lock = self._lock, None
+            os.close(fd)  # closing the only descriptor of the open file drops the flock
+
+    def __del__(self):
+        if getattr(self, "_lock", None) is not None:
+            try:
+                self.release()
+            except OSError:
+                pass  # interpreter shutdown: the kernel drops the lock with the process
 
     @property
     def complete(self) -> bool:
         return (self.path / COMPLETE).is_file()
 
     def start(self) -> None:
-        """Create the directory afresh (what an unfinished earlier attempt left is removed) and write config.json."""
+        """Create the directory afresh (what an unfinished earlier attempt left is removed) and write config.json.
+        Claims the run first if this process has not (only the lock holder may reset a directory)."""
+        self.claim()
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
@@ -176,8 +245,9 @@ class RunDir:
         plt.close(fig)
 
     def mark_complete(self) -> None:
-        """Written last: from here on the run is cached."""
+        """Written last: from here on the run is cached (and no longer locked)."""
         _atomic(self.path / COMPLETE, lambda f: f.write(self.hash.encode() + b"\n"))
+        self.release()
 
 
 SUMMARY_KEYS = ("accuracy", "hit@1", "hit@5", "map")

@@ -28,9 +28,13 @@ class Sampling:
         if self.mode not in ("frames", "fps", "all"):
             raise ValueError(f"unknown sampling mode {self.mode!r}")
         if self.mode == "frames" and (self.frames is None or self.frames < 1):
-            raise ValueError("sampling mode 'frames' needs frames >= 1")
-        if self.mode == "fps" and (self.fps is None or self.fps <= 0):
-            raise ValueError("sampling mode 'fps' needs fps > 0")
+            raise ValueError(f"--frames must be >= 1; got {self.frames}")
+        if self.mode == "fps" and (self.fps is None or not math.isfinite(self.fps) or self.fps <= 0):
+            raise ValueError(f"--fps must be a finite rate > 0; got {self.fps}")
+        if self.mode == "fps" and self.frames is not None and self.frames < 1:
+            raise ValueError(f"--frames must be >= 1 (or left out for the natural count); got {self.frames}")
+        if self.max_frames < 1:
+            raise ValueError(f"--max-frames must be >= 1; got {self.max_frames}")
 
 
 def repeat_to(indices: np.ndarray, k: int) -> np.ndarray:

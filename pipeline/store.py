@@ -5,27 +5,40 @@ Layout of a store directory::
     STORE/
       store.json            schema version, full extraction config and its hash, class names, package version
       parts/NAME-000000.h5  committed parts; each holds several videos, written once, never modified
+      parts/NAME-000000.h5.sha256   the part's sha256, recorded at commit (``sha256sum -c`` format)
       errors.jsonl          one JSON line per failed video: id, stage, error (class or signal), message
+      writer.lock           advisory lock of the process writing the store (shards: shards/NAME.lock)
+      quarantine/           parts that ``verify --repair`` moved aside (never deleted)
       *.partial             work in flight (ignored by readers, removed by the next writer)
 
-A part is written to ``*.partial``, closed, fsynced and renamed, so a killed writer loses at most the videos
-in flight and readers never see half a part. Inside a part the videos are concatenated along time, one
-contiguous float16 dataset per stream (``streams/rgb``: ``[sum T, D]``) with ``offsets`` (``[N + 1]``), so a bulk
-load is one sequential read per part and stream, as fast as reading raw bytes.
+A part is built in memory, written to ``*.partial`` with plain file calls, fsynced, and linked to its final
+name, which must not exist yet (a hard link fails rather than replace): a killed writer loses at most the
+videos in flight, readers never see half a part, and two writers never overwrite each other's parts. A write
+that fails (a full disk) removes its partial and raises :class:`StoreWriteError`; committed parts are untouched.
+Inside a part the videos are concatenated along time, one contiguous float16 dataset per stream
+(``streams/rgb``: ``[sum T, D]``) with ``offsets`` (``[N + 1]``), so a bulk load is one sequential read per
+part and stream, as fast as reading raw bytes. Per video a part also records the source file's sha256 and a
+digest of its stored features (``digests``), which :attr:`FeatureStore.fingerprint` covers.
 
-Parts are named by writer (``NAME``): one writer per file, and independent writers (shards, machines) write
-under distinct names into the same store.
+Parts are named by writer (``NAME``): every writer process has a name of its own (host, pid and a random
+token, or its shard), so writers on many machines can share one store.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +52,20 @@ SCHEMA = 1
 FORMAT = "twostream-feature-store"
 _META_FLOAT = ("fps", "duration")
 _META_INT = ("n_frames", "size")
+LOCK_NAME = "writer.lock"
+QUARANTINE = "quarantine"
 
 
 class StoreError(UserError):
-    """A store that is missing, foreign, unsafe or built with another config."""
+    """A store that is missing, foreign, unsafe, damaged or built with another config."""
+
+
+class StoreWriteError(StoreError):
+    """Writing to the store failed (a full disk, an I/O error, a read-only folder); nothing committed is lost."""
+
+
+class StoreBusy(StoreError):
+    """Another live process is writing the store."""
 
 
 def config_hash(config: dict) -> str:
@@ -58,6 +81,32 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def feature_digest(features: dict[str, np.ndarray]) -> str:
+    """Digest of one video's stored features: every stream's name, shape and float16 bytes."""
+    h = hashlib.sha256()
+    for name in sorted(features):
+        arr = np.ascontiguousarray(features[name], dtype=np.float16)
+        h.update(f"{name}\0{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:32]
+
+
+def process_token() -> str:
+    """``host-pid-random``: a name no other live writer has (the pid tells whose partial files are stale)."""
+    host = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,17 +115,71 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data``, fsync; on any error remove it and re-raise."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _partial_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.{process_token()}.partial")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a ``*.partial`` file + fsync + rename."""
-    # A name of its own per call (issue 9): shards started together all write store.json; a shared temporary
-    # name would let one rename the other's half-written file. Same config, same content, so the last one wins.
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` via a ``*.partial`` file + fsync + rename (replacing ``path``). A failed write
+    leaves no partial behind."""
+    # A partial name of its own per call: shards started together all write some files; a shared temporary
+    # name would let one rename the other's half-written file.
+    tmp = _partial_name(path)
+    _write_new_file(tmp, text.encode())
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Commit ``data`` as ``path`` only if ``path`` does not exist (partial + fsync + hard link). False if it did."""
+    tmp = _partial_name(path)
+    _write_new_file(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        _unlink_quietly(tmp)
+    _fsync_dir(path.parent)
+    return True
+
+
+def write_error(store: Path, what: str, e: OSError) -> StoreWriteError:
+    """The one line for a failed write: the cause (``No space left on device``), the store, what is safe."""
+    cause = e.strerror or str(e)
+    return StoreWriteError(f"{store}: cannot write {what}: {cause}; committed parts are intact, rerun to resume "
+                           "once this is fixed")
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -111,17 +214,101 @@ def _check_safe(f: h5py.File, where: str) -> None:
     walk(f, "/")
 
 
+# ------------------------------------------------------------------------------------------- reading a part
+
+class DamagedPart(StoreError):
+    """A committed part that cannot be read or whose datasets disagree (its message names the file and why)."""
+
+    def __init__(self, part: Path, why: str):
+        self.part, self.why = part, why
+        store = part.parent.parent
+        super().__init__(f"{part}: damaged part ({why}); `twostream verify {store} --repair` moves it aside and the "
+                         "next extract redoes its videos")
+
+
+def _strings(ds) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+@dataclass
+class PartIndex:
+    """What a reader needs of one part, read from its small datasets only (no feature data)."""
+
+    path: Path
+    ids: list[str]
+    offsets: np.ndarray
+    streams: dict[str, tuple[int, ...]]
+    sources: list[str]                   # source file sha256 per video ("" when not recorded)
+    digests: list[str] | None            # feature digest per video (None: a part written before digests)
+
+
+def read_part_index(part: Path) -> PartIndex:
+    """Open ``part`` and check that its datasets agree; raises :class:`DamagedPart` naming it otherwise."""
+    try:
+        f = h5py.File(part, "r")
+    except OSError as e:
+        raise DamagedPart(part, f"not a readable HDF5 file: {str(e).split(';')[0]}") from None
+    try:
+        with f:
+            _check_safe(f, str(part))
+            for name in ("ids", "offsets", "streams", "frame_indices"):
+                if name not in f:
+                    raise DamagedPart(part, f"no {name!r} dataset")
+            ids = _strings(f["ids"])
+            offsets = np.asarray(f["offsets"][()])
+            n = len(ids)
+            if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+                raise DamagedPart(part, f"offsets {offsets.tolist()[:8]} do not index {n} videos")
+            if len(set(ids)) != n:
+                raise DamagedPart(part, "a video id appears twice")
+            total = int(offsets[-1])
+            streams: dict[str, tuple[int, ...]] = {}
+            for name, ds in f["streams"].items():
+                if not isinstance(ds, h5py.Dataset) or ds.ndim < 2:
+                    raise DamagedPart(part, f"stream {name} is not a [frames, ...] dataset")
+                if ds.shape[0] != total:
+                    raise DamagedPart(part, f"offsets end at frame {total} but stream {name} holds {ds.shape[0]}")
+                streams[name] = tuple(ds.shape[1:])
+            if not streams:
+                raise DamagedPart(part, "no streams")
+            if f["frame_indices"].shape[0] != total:
+                raise DamagedPart(part, f"offsets end at frame {total} but frame_indices holds "
+                                        f"{f['frame_indices'].shape[0]}")
+            for key in (*_META_FLOAT, *_META_INT, "sha256", *(("digests",) if "digests" in f else ())):
+                if key in f and f[key].shape[0] != n:
+                    raise DamagedPart(part, f"{key} holds {f[key].shape[0]} rows for {n} videos")
+            sources = _strings(f["sha256"]) if "sha256" in f else [""] * n
+            digests = _strings(f["digests"]) if "digests" in f else None
+    except DamagedPart:
+        raise
+    except StoreError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise DamagedPart(part, f"{type(e).__name__}: {str(e).split(';')[0]}") from None
+    return PartIndex(part, ids, offsets, streams, sources, digests)
+
+
+def committed_parts(path: Path, name: str | None = None) -> list[Path]:
+    """Committed parts of a store (of writer ``name``), in name order: the reader's order."""
+    pattern = f"{name}-*.h5" if name else "*.h5"
+    return sorted((Path(path) / "parts").glob(pattern))
+
+
 class FeatureStore:
     """Read-only view of the committed videos of a store. ``FeatureStore.open(path)``."""
 
     def __init__(self, path: Path, header: dict, parts: list[Path], index: dict[str, tuple[int, int, int]],
-                 streams: dict[str, tuple[int, ...]]):
+                 streams: dict[str, tuple[int, ...]], provenance: dict[str, tuple[str, str | None]] | None = None,
+                 duplicates: dict[str, list[str]] | None = None):
         self.path = path
         self.header = header
         self.parts = parts
         self._index = index  # video id -> (part number, start, stop) rows of that part
         self._stream_shapes = streams
+        self._provenance = provenance or {}  # video id -> (source sha256, feature digest or None)
+        self.duplicates = duplicates or {}  # video id -> part names holding it (the first is the one read)
         self._files: dict[int, h5py.File] = {}
+        self._fingerprint: str | None = None
 
     # -- opening ---------------------------------------------------------------------------------------
     @staticmethod
@@ -132,9 +319,9 @@ class FeatureStore:
             raise StoreError(f"{path} is not a feature store (no store.json); create one with `twostream extract`")
         try:
             header = json.loads(head.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreError(f"{head} is not valid JSON: {e}") from None
-        if header.get("format") != FORMAT:
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise StoreError(f"{head} is not a twostream feature store")
         if header.get("schema") != SCHEMA:
             raise StoreError(f"{path}: store schema {header.get('schema')} is not supported (this version reads {SCHEMA})")
@@ -142,30 +329,37 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureStore:
+        """Index every committed part (small datasets only: opening stays cheap; ``verify`` reads the data).
+
+        A part that cannot be read or whose offsets disagree with its datasets raises ``DamagedPart`` naming it.
+        A video in two parts (writers that raced) is read from the first part in name order, deterministically,
+        and listed in ``duplicates``.
+        """
         path = Path(path)
         header = cls.read_header(path)
-        parts = sorted((path / "parts").glob("*.h5"))
+        parts = committed_parts(path)
         index: dict[str, tuple[int, int, int]] = {}
+        provenance: dict[str, tuple[str, str | None]] = {}
+        duplicates: dict[str, list[str]] = {}
         streams: dict[str, tuple[int, ...]] = {}
         for i, part in enumerate(parts):
-            with h5py.File(part, "r") as f:
-                _check_safe(f, str(part))
-                ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
-                offsets = f["offsets"][()]
-                for name, ds in f["streams"].items():
-                    shape = tuple(ds.shape[1:])
-                    if streams.setdefault(name, shape) != shape:
-                        raise StoreError(f"{part}: stream {name} has frame shape {shape}, other parts {streams[name]}")
-            for j, vid in enumerate(ids):
-                # A video committed twice (a redone shard) holds identical features: the first part wins.
-                index.setdefault(vid, (i, int(offsets[j]), int(offsets[j + 1])))
-        return cls(path, header, parts, index, streams)
+            p = read_part_index(part)
+            for name, shape in p.streams.items():
+                if streams.setdefault(name, shape) != shape:
+                    raise DamagedPart(part, f"stream {name} has frame shape {shape}, other parts {streams[name]}")
+            for j, vid in enumerate(p.ids):
+                if vid in index:
+                    duplicates.setdefault(vid, [parts[index[vid][0]].name]).append(part.name)
+                    continue
+                index[vid] = (i, int(p.offsets[j]), int(p.offsets[j + 1]))
+                provenance[vid] = (p.sources[j], p.digests[j] if p.digests is not None else None)
+        return cls(path, header, parts, index, streams, provenance, duplicates)
 
     @staticmethod
-    def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str = "p",
-               commit_every: int = 16, only_own: bool = False) -> StoreWriter:
+    def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str | None = None,
+               commit_every: int = 16, only_own: bool = False, exclusive: bool = False) -> StoreWriter:
         return StoreWriter(Path(path), config, list(classes), name=name, commit_every=commit_every,
-                           only_own=only_own)
+                           only_own=only_own, exclusive=exclusive)
 
     # -- what it holds -------------------------------------------------------------------------------
     @property
@@ -200,20 +394,43 @@ class FeatureStore:
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(self.header["config_hash"].encode())
-        for vid in self.ids():
-            h.update(vid.encode() + b"\0")
-        return h.hexdigest()[:16]
+        """Hash of the config and, per committed video, its id, source sha256 and stored-feature digest: it
+        changes when any video's features or source file change. Parts written before feature digests were
+        recorded get theirs computed from the stored data (one read of those parts)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.header["config_hash"].encode())
+            for vid in self.ids():
+                source, digest = self._provenance.get(vid, ("", None))
+                if digest is None:
+                    digest = self.stored_digest(vid)
+                h.update(f"{vid}\0{source}\0{digest}\n".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def stored_digest(self, video_id: str) -> str:
+        """:func:`feature_digest` of the features stored for ``video_id`` (reads them)."""
+        part, a, b = self._locate(video_id)
+        f = self._file(part)
+        return feature_digest({s: self._read(part, f["streams"][s], a, b) for s in self._stream_shapes})
 
     def errors(self) -> list[dict]:
-        """Errors of videos that are not committed (a later success supersedes an error)."""
+        """Latest error of each video that is not committed (a later success supersedes an error)."""
         return [e for e in read_errors(self.path) if e.get("id") not in self._index]
 
     # -- reading -------------------------------------------------------------------------------------
     def _file(self, i: int) -> h5py.File:
         if i not in self._files:
-            self._files[i] = h5py.File(self.parts[i], "r")
+            try:
+                self._files[i] = h5py.File(self.parts[i], "r")
+            except OSError as e:
+                raise DamagedPart(self.parts[i], f"cannot be opened: {str(e).split(';')[0]}") from None
         return self._files[i]
+
+    def _read(self, part: int, ds, a: int | None = None, b: int | None = None) -> np.ndarray:
+        try:
+            return ds[()] if a is None else ds[a:b]
+        except (OSError, RuntimeError, ValueError) as e:
+            raise DamagedPart(self.parts[part], f"reading {ds.name} failed: {str(e).split(';')[0]}") from None
 
     def _check_stream(self, stream: str) -> None:
         if stream not in self._stream_shapes:
@@ -229,7 +446,7 @@ class FeatureStore:
         """Features of one video: ``[T, D]`` float16 (spatial maps flattened; see ``frame_shape``)."""
         self._check_stream(stream)
         part, a, b = self._locate(video_id)
-        arr = self._file(part)["streams"][stream][a:b]
+        arr = self._read(part, self._file(part)["streams"][stream], a, b)
         return arr.reshape(b - a, -1)
 
     def meta(self, video_id: str) -> dict[str, Any]:
@@ -260,12 +477,12 @@ class FeatureStore:
             ds = self._file(part)["streams"][stream]
             rows = sum(locs[k][2] - locs[k][1] for k in ks)
             if rows * 2 >= ds.shape[0]:
-                block = ds[()].reshape(ds.shape[0], -1)
+                block = self._read(part, ds).reshape(ds.shape[0], -1)
                 for k in ks:
                     out[k] = block[locs[k][1]:locs[k][2]]
             else:
                 for k in ks:
-                    out[k] = ds[locs[k][1]:locs[k][2]].reshape(locs[k][2] - locs[k][1], -1)
+                    out[k] = self._read(part, ds, locs[k][1], locs[k][2]).reshape(locs[k][2] - locs[k][1], -1)
         return out  # type: ignore[return-value]
 
     def info(self) -> dict[str, Any]:
@@ -277,6 +494,7 @@ class FeatureStore:
             "frames": int(sum(b - a for _, a, b in self._index.values())),
             "parts": len(self.parts),
             "errors": len(errors),
+            "duplicates": len(self.duplicates),
             "config": self.config,
             "config_hash": self.header["config_hash"],
             "classes": self.classes,
@@ -298,111 +516,282 @@ class FeatureStore:
 
 
 def read_errors(path: str | os.PathLike) -> list[dict]:
+    """The latest error line of each video in errors.jsonl (a retried video that failed again appears once)."""
     p = Path(path) / "errors.jsonl"
     if not p.exists():
         return []
-    out = []
-    for line in p.read_text().splitlines():
+    latest: dict[Any, dict] = {}
+    for line in p.read_text(errors="replace").splitlines():
         line = line.strip()
         if line:
             try:
-                out.append(json.loads(line))
+                e = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill: the video is simply retried
-    return out
+            if isinstance(e, dict):
+                latest.pop(e.get("id"), None)
+                latest[e.get("id")] = e
+    return list(latest.values())
 
 
 def _committed_ids(parts: Iterable[Path]) -> list[str]:
-    """Video ids held by the committed ``parts`` (issue 9: a writer resuming from its own parts)."""
+    """Video ids held by the committed ``parts`` (a shard writer resuming from its own parts)."""
     out: list[str] = []
     for part in parts:
-        with h5py.File(part, "r") as f:
-            out += [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+        out += read_part_index(part).ids
     return out
+
+
+# ------------------------------------------------------------------------------------------------- locking
+
+class StoreLock:
+    """Advisory lock (``fcntl.flock``) of a store on this machine.
+
+    A plain writer holds ``writer.lock`` exclusively; a shard holds it shared plus ``shards/NAME.lock``
+    exclusively, so distinct shards run together while a second plain writer, or a second process on the same
+    shard, is refused with a line naming the holder. The kernel drops a flock when its process dies, so a
+    lock left by a killed process is simply taken over. Filesystems without flock (some network mounts) run
+    unlocked: commits stay exclusive there, the lock only gives the early refusal.
+    """
+
+    def __init__(self, store: str | os.PathLike, shard: str | None = None):
+        self.store, self.shard = Path(store), shard
+        self._fds: list[int] = []
+
+    def acquire(self) -> StoreLock:
+        try:
+            self.store.mkdir(parents=True, exist_ok=True)
+            store_fd = os.open(self.store / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreWriteError(f"{self.store} cannot be written: {e.strerror or e}") from None
+        self._fds.append(store_fd)
+        try:
+            if not self._flock(store_fd, fcntl.LOCK_SH if self.shard else fcntl.LOCK_EX):
+                raise StoreBusy(f"{self.store} is being written by {self._holders()}; wait for it to finish "
+                                "(or give each process its own --shard i/N)")
+            own_fd = store_fd
+            if self.shard:
+                (self.store / "shards").mkdir(exist_ok=True)
+                own_fd = os.open(self.store / "shards" / f"{self.shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                self._fds.append(own_fd)
+                if not self._flock(own_fd, fcntl.LOCK_EX):
+                    raise StoreBusy(f"shard {self.shard} of {self.store} is being written by "
+                                    f"{self._describe(self.store / 'shards' / f'{self.shard}.lock') or 'another process'}")
+            self._record(own_fd)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    @staticmethod
+    def _flock(fd: int, mode: int) -> bool:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                return True  # no locks on this filesystem: run unlocked
+            raise
+        return True
+
+    @staticmethod
+    def _record(fd: int) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock holds without the note of who holds it
+
+    @staticmethod
+    def _describe(lock: Path) -> str | None:
+        try:
+            info = json.loads(lock.read_text())
+            pid = int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if info.get("host") == socket.gethostname() and not _pid_alive(pid):
+            return None
+        cmd = info.get("command", "")
+        return f"pid {pid} on {info.get('host')} (since {info.get('started')}{f': {cmd}' if cmd else ''})"
+
+    def _holders(self) -> str:
+        found = [d for d in [self._describe(self.store / LOCK_NAME)] if d]
+        if not found:  # shards hold the store lock shared and note themselves in their own lock files
+            found = [f"shard {p.stem}: {d}" for p in sorted((self.store / "shards").glob("*.lock"))
+                     if (d := self._describe(p))]
+        return "; ".join(found[:3]) or "another process"
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)  # closing drops the flock
+        self._fds = []
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def writable_error(path: str | os.PathLike) -> OSError | None:
+    """The error that creating a file in ``path`` (or ``path`` itself) would meet, or None when it can be written."""
+    path = Path(path)
+    probe_dir = path
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe_dir))
+    probe = probe_dir / f".write-probe.{process_token()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        return e
+    os.close(fd)
+    _unlink_quietly(probe)
+    return None
+
+
+def remove_stale_partials(path: Path, name: str | None = None) -> None:
+    """Remove work in flight of dead writers on this machine, and of writer ``name`` (this one's earlier
+    attempts: a shard redone after its worker died elsewhere)."""
+    host = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:24] or "host"
+    for folder in (path, path / "parts", path / "shards"):
+        for partial in folder.glob("*.partial"):
+            m = re.search(r"\.([A-Za-z0-9]+)-(\d+)-[0-9a-f]+\.partial$", partial.name)
+            if m is not None:
+                mine = m.group(1) == host and int(m.group(2)) == os.getpid()
+                dead = m.group(1) == host and not _pid_alive(int(m.group(2)))
+                same_writer = bool(name) and partial.name.startswith(f"{name}-")
+                if not mine and (dead or same_writer):
+                    _unlink_quietly(partial)
+            elif name and folder.name == "parts" and partial.name.startswith(f"{name}-"):
+                _unlink_quietly(partial)  # an unnamed partial of this writer (older versions)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+def _part_image(buf: list[tuple[str, dict[str, np.ndarray], dict]], digests: list[str]) -> bytes:
+    """The bytes of one part holding the videos of ``buf``, built in memory (no file is touched)."""
+    streams = sorted(buf[0][1])
+    lengths = np.array([len(feat[streams[0]]) for _, feat, _ in buf])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    str_t = h5py.string_dtype()
+    with h5py.File(f"part-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False) as f:
+        f.attrs["schema"] = SCHEMA
+        f.create_dataset("ids", data=np.array([v for v, _, _ in buf], dtype=object), dtype=str_t)
+        f.create_dataset("offsets", data=offsets)
+        f.create_dataset("frame_indices",
+                         data=np.concatenate([np.asarray(m["frame_indices"], np.int64) for _, _, m in buf]))
+        for key in _META_FLOAT:
+            f.create_dataset(key, data=np.array([float(m.get(key, np.nan)) for _, _, m in buf]))
+        for key in _META_INT:
+            f.create_dataset(key, data=np.array([int(m.get(key, -1)) for _, _, m in buf], np.int64))
+        f.create_dataset("sha256", data=np.array([m.get("sha256", "") for _, _, m in buf], dtype=object), dtype=str_t)
+        f.create_dataset("digests", data=np.array(digests, dtype=object), dtype=str_t)
+        g = f.create_group("streams")
+        for s in streams:
+            g.create_dataset(s, data=np.concatenate([np.asarray(feat[s], np.float16) for _, feat, _ in buf]))
+        f.flush()
+        return f.id.get_file_image()
 
 
 class StoreWriter:
     """Appends videos to a store, committing a part every ``commit_every`` videos and on close.
 
     Opening a store built with another config raises ``StoreError`` naming the differences: features of two
-    configs never mix. ``done`` holds the ids already committed (by any writer), so a rerun resumes.
+    configs never mix. ``done`` holds the ids already committed (by any writer), so a rerun resumes. ``name``
+    defaults to one no other process has; ``exclusive`` says the caller holds the store's lock alone (then the
+    errors file may be compacted).
     """
 
-    def __init__(self, path: Path, config: dict, classes: list[str], name: str = "p", commit_every: int = 16,
-                 only_own: bool = False):
+    def __init__(self, path: Path, config: dict, classes: list[str], name: str | None = None,
+                 commit_every: int = 16, only_own: bool = False, exclusive: bool = False):
+        name = name or process_token()
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"bad writer name {name!r}")
         self.path, self.name, self.commit_every = path, name, max(1, commit_every)
+        self.exclusive = exclusive
         self.config = json.loads(json.dumps(config, default=str))  # plain JSON types, as stored
         self._buffer: list[tuple[str, dict[str, np.ndarray], dict]] = []
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "parts").mkdir(exist_ok=True)
+        self._broken = False
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "parts").mkdir(exist_ok=True)
+        except OSError as e:
+            raise write_error(path, "the store folder", e) from None
         h = config_hash(self.config)
-        if (path / "store.json").exists():
-            header = FeatureStore.read_header(path)
-            if header["config_hash"] != h:
-                diffs = diff_configs(header["config"], self.config)
-                raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:4])}); "
-                                 "use another --out for this config")
-        else:
+        if not (path / "store.json").exists():
             header = {"format": FORMAT, "schema": SCHEMA, "config": self.config, "config_hash": h,
                       "classes": classes, "package_version": __version__,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            atomic_write_text(path / "store.json", json.dumps(header, indent=2, sort_keys=True))
-        for stale in (path / "parts").glob(f"{name}-*.partial"):
-            stale.unlink()  # work in flight of a killed writer of this name
-        # only_own (issue 9, shards): resume from this writer's own parts; scanning every part of a store of
+            try:  # exclusive: of two writers creating a store at once, the second sees the first's config
+                create_exclusive(path / "store.json", json.dumps(header, indent=2, sort_keys=True).encode())
+            except OSError as e:
+                raise write_error(path, "store.json", e) from None
+        header = FeatureStore.read_header(path)
+        if header["config_hash"] != h:
+            diffs = diff_configs(header["config"], self.config)
+            raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:4])}); "
+                             "use another --out for this config")
+        remove_stale_partials(path, name)
+        # only_own (shards): resume from this writer's own parts; scanning every part of a store of
         # thousands of shards at the start of each shard would cost O(shards^2) file opens.
         if only_own:
-            self.done: set[str] = set(_committed_ids(sorted((path / "parts").glob(f"{name}-*.h5"))))
+            self.done: set[str] = set(_committed_ids(committed_parts(path, name)))
         else:
-            self.done = set(FeatureStore.open(path).ids()) if any((path / "parts").glob("*.h5")) else set()
-        taken = [int(m.group(1)) for p in (path / "parts").glob(f"{name}-*.h5")
+            self.done = set(FeatureStore.open(path).ids()) if committed_parts(path) else set()
+        taken = [int(m.group(1)) for p in committed_parts(path, name)
                  if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)\.h5", p.name))]
         self._seq = max(taken, default=-1) + 1
 
-    def add(self, video_id: str, features: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        """Queue one video's features (``{stream: [T, ...]}``, all with the same T) and its provenance."""
+    def add(self, video_id: str, features: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
+        """Queue one video's features (``{stream: [T, ...]}``, all with the same T) and its provenance.
+
+        Features that are not finite once stored as float16 (NaN, Inf, or beyond float16's range) are not
+        queued: the video is recorded in errors.jsonl (stage ``features``) and False is returned.
+        """
         lengths = {k: len(v) for k, v in features.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"{video_id}: streams differ in length {lengths}")
-        self._buffer.append((video_id, features, meta))
+        with np.errstate(over="ignore"):  # beyond float16's range becomes Inf, refused just below
+            stored = {k: np.asarray(v, np.float16) for k, v in features.items()}
+        bad = {k: int((~np.isfinite(v)).sum()) for k, v in stored.items()}
+        bad = {k: n for k, n in bad.items() if n}
+        if bad:
+            self.log_error(video_id, "features", "NonFinite",
+                           "; ".join(f"stream {k}: {n} of {stored[k].size} values are NaN or Inf" for k, n in bad.items()))
+            return False
+        self._buffer.append((video_id, stored, meta))
         if len(self._buffer) >= self.commit_every:
             self.commit()
+        return True
 
     def commit(self) -> None:
-        """Write the queued videos as one part, atomically."""
-        if not self._buffer:
+        """Write the queued videos as one new part, exclusively: it never replaces an existing part."""
+        if not self._buffer or self._broken:
             return
-        final = self.path / "parts" / f"{self.name}-{self._seq:06d}.h5"
-        tmp = final.with_name(final.name + ".partial")
         buf = self._buffer
         streams = sorted(buf[0][1])
         if any(sorted(f) != streams for _, f, _ in buf):
             raise ValueError("every video of a store must have the same streams")
-        lengths = np.array([len(buf[i][1][streams[0]]) for i in range(len(buf))])
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        str_t = h5py.string_dtype()
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema"] = SCHEMA
-            f.create_dataset("ids", data=np.array([v for v, _, _ in buf], dtype=object), dtype=str_t)
-            f.create_dataset("offsets", data=offsets)
-            f.create_dataset("frame_indices",
-                             data=np.concatenate([np.asarray(m["frame_indices"], np.int64) for _, _, m in buf]))
-            for key in _META_FLOAT:
-                f.create_dataset(key, data=np.array([float(m.get(key, np.nan)) for _, _, m in buf]))
-            for key in _META_INT:
-                f.create_dataset(key, data=np.array([int(m.get(key, -1)) for _, _, m in buf], np.int64))
-            f.create_dataset("sha256", data=np.array([m.get("sha256", "") for _, _, m in buf], dtype=object),
-                             dtype=str_t)
-            g = f.create_group("streams")
-            for s in streams:
-                g.create_dataset(s, data=np.concatenate([np.asarray(feat[s], np.float16) for _, feat, _ in buf]))
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        image = _part_image(buf, [feature_digest(f) for _, f, _ in buf])
+        checksum = hashlib.sha256(image).hexdigest()
+        final = self.path / "parts" / f"{self.name}-{self._seq:06d}.h5"
+        try:
+            while not create_exclusive(final, image):  # another writer took this number: take the next
+                self._seq += 1
+                final = self.path / "parts" / f"{self.name}-{self._seq:06d}.h5"
+            try:
+                atomic_write_text(final.with_name(final.name + ".sha256"), f"{checksum}  {final.name}\n")
+            except BaseException:
+                _unlink_quietly(final)  # a part without its checksum is not committed
+                raise
+        except OSError as e:
+            self._broken = True
+            raise write_error(self.path, f"part {final.name}", e) from None
         self.done.update(v for v, _, _ in buf)
         self._buffer = []
         self._seq += 1
@@ -411,17 +800,30 @@ class StoreWriter:
         """Append one line to errors.jsonl (fsynced: a failure is never lost)."""
         line = json.dumps({"id": video_id, "stage": stage, "error": error, "message": message[:2000],
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        with open(self.path / "errors.jsonl", "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path / "errors.jsonl", "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self._broken = True
+            raise write_error(self.path, "errors.jsonl", e) from None
 
     def prune_errors(self) -> None:
-        """Drop error lines of videos that have since been committed (after ``--retry-failed``)."""
-        errors = read_errors(self.path)
-        keep = [e for e in errors if e.get("id") not in self.done]
-        if len(keep) != len(errors):
-            atomic_write_text(self.path / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in keep))
+        """Keep one line per video, its latest, and drop videos since committed. Only for a writer that holds
+        the store alone: shards append to the same file concurrently."""
+        if not self.exclusive:
+            return
+        p = self.path / "errors.jsonl"
+        if not p.exists():
+            return
+        lines = [x for x in p.read_text(errors="replace").splitlines() if x.strip()]
+        keep = [e for e in read_errors(self.path) if e.get("id") not in self.done]
+        if len(keep) != len(lines):
+            try:
+                atomic_write_text(p, "".join(json.dumps(e) + "\n" for e in keep))
+            except OSError as e:
+                raise write_error(self.path, "errors.jsonl", e) from None
 
     def close(self) -> None:
         self.commit()
@@ -431,4 +833,128 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb):
         # Commit what is complete even when the run stops on an error or Ctrl-C: nothing finished is lost.
-        self.close()
+        # After a failed write the disk is the problem: do not try again on the way out.
+        if exc_type is None or not issubclass(exc_type, StoreWriteError):
+            self.close()
+
+
+# ------------------------------------------------------------------------------------------------ verifying
+
+@dataclass
+class Finding:
+    part: str          # path relative to the store
+    why: str
+    damage: bool = True
+    videos: list[str] = field(default_factory=list)
+
+
+def _non_finite(arr: np.ndarray) -> int:
+    return int((~np.isfinite(arr)).sum())
+
+
+def _ids_if_readable(part: Path) -> list[str]:
+    """The ids a damaged part still names, if it can be opened at all (for the report)."""
+    try:
+        with h5py.File(part, "r") as f:
+            return _strings(f["ids"])
+    except Exception:  # noqa: BLE001 - damaged in some other way: the report just has no ids
+        return []
+
+
+def verify_store(path: str | os.PathLike) -> tuple[list[Finding], dict[str, int]]:
+    """Check every committed part of a store; return the findings and counts (parts, videos).
+
+    Per part: it opens and its datasets and offsets agree; its bytes match the sha256 recorded at commit; every
+    value is finite; each video's features match the digest recorded at commit; no video is also in an earlier
+    part with other features (a same-feature duplicate is a note, not damage: readers take the first).
+    """
+    path = Path(path)
+    FeatureStore.read_header(path)
+    findings: list[Finding] = []
+    seen: dict[str, tuple[str, str]] = {}  # video id -> (part name, digest)
+    videos = 0
+    parts = committed_parts(path)
+    for part in parts:
+        rel = f"parts/{part.name}"
+        try:
+            p = read_part_index(part)
+        except DamagedPart as e:
+            findings.append(Finding(rel, e.why, videos=_ids_if_readable(part)))
+            continue
+        except StoreError as e:
+            findings.append(Finding(rel, str(e).removeprefix(f"{part}: ")))
+            continue
+        sidecar = part.with_name(part.name + ".sha256")
+        if sidecar.is_file():
+            recorded = sidecar.read_text().split()[:1]
+            if recorded != [file_sha256(part)]:
+                findings.append(Finding(rel, "its bytes do not match the sha256 recorded at commit", videos=p.ids))
+                continue
+        else:
+            findings.append(Finding(rel, "no sha256 recorded at commit (written by an older version); "
+                                         "contents checked", damage=False))
+        why = None
+        digests: list[str] = []
+        try:
+            with h5py.File(part, "r") as f:
+                data = {s: f["streams"][s][()] for s in p.streams}
+        except (OSError, RuntimeError, ValueError) as e:
+            findings.append(Finding(rel, f"reading its features failed: {str(e).split(';')[0]}", videos=p.ids))
+            continue
+        for j, vid in enumerate(p.ids):
+            a, b = int(p.offsets[j]), int(p.offsets[j + 1])
+            feats = {s: arr[a:b] for s, arr in data.items()}
+            bad = {s: n for s, arr in feats.items() if (n := _non_finite(arr))}
+            if bad and why is None:
+                why = f"video {vid}: " + ", ".join(f"{n} non-finite values in stream {s}" for s, n in bad.items())
+            digests.append(feature_digest(feats))
+            if p.digests is not None and p.digests[j] != digests[-1] and why is None:
+                why = f"features of video {vid} do not match the digest recorded at commit"
+        if why:
+            findings.append(Finding(rel, why, videos=p.ids))
+            continue
+        for vid, digest in zip(p.ids, digests):
+            if vid in seen:
+                first, first_digest = seen[vid]
+                same = first_digest == digest
+                findings.append(Finding(rel, f"video {vid} is also in {first}"
+                                             f"{' with the same features (readers take the first)' if same else ' with other features'}",
+                                        damage=not same, videos=[] if same else p.ids))
+            else:
+                seen[vid] = (part.name, digest)
+        videos += len(p.ids)
+    return findings, {"parts": len(parts), "videos": len(seen)}
+
+
+def quarantine(path: str | os.PathLike, findings: list[Finding]) -> list[str]:
+    """Move every damaged part (and its checksum) to ``STORE/quarantine/`` (never deleted), so the next extract
+    redoes exactly their videos. A shard whose part moved loses its shard manifest (also moved) so that its
+    shard is extracted again; a merged index is moved too (it names the part)."""
+    path = Path(path)
+    moved: list[str] = []
+    qdir = path / QUARANTINE
+    shard_name = re.compile(r"^(s\d+of\d+)-\d+\.h5$")
+    for finding in findings:
+        if not finding.damage:
+            continue
+        src = path / finding.part
+        if not src.exists():
+            continue
+        qdir.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        targets = [src, src.with_name(src.name + ".sha256")]
+        m = shard_name.match(src.name)
+        if m:
+            targets.append(path / "shards" / f"{m.group(1)}.json")
+        for t in targets:
+            if t.exists():
+                dest = qdir / t.name
+                if dest.exists():
+                    dest = qdir / f"{t.name}.{stamp}"
+                os.replace(t, dest)
+        moved.append(finding.part)
+    if moved and (path / "index.json").exists():
+        os.replace(path / "index.json", qdir / f"index.json.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    if moved:
+        _fsync_dir(path / "parts")
+    return moved

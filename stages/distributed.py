@@ -22,13 +22,15 @@ costs that video only, as in the single-process run: the task uses the same isol
 Merge. ``merge(STORE)`` checks every shard manifest against the parts present (a shard that is missing, or
 has parts but no manifest, is an error naming it; so is a part that is missing, resized or holds other ids)
 and writes ``index.json``: the parts, and per video its part and rows, in the reader's rule (first part in name
-order wins). No HDF5 virtual datasets: they fill missing sources silently, and the reader refuses them.
+order wins); videos committed in more than one part are listed under ``duplicates`` and reported. No HDF5
+virtual datasets: they fill missing sources silently, and the reader refuses them.
 
 Limits. Features are bitwise equal to the single-process run's at the same torch thread count (a Ray task
 with ``num_cpus=1`` runs torch on one thread; fp32 convolutions sum in a thread-dependent order, and 1 vs 2
 threads moves about 0.5% of the float16 features by one unit in the last place). Two live attempts of one
 shard at once (a node cut off by the network but still running while Ray reruns its task) would share a
-writer name; Ray does not do this for dead workers, and nothing here guards against it.
+writer name; their commits cannot overwrite each other (a part is linked to a name that must not exist; the
+later one takes the next number), and the shard lock refuses a second attempt on the same machine.
 """
 
 from __future__ import annotations
@@ -133,17 +135,14 @@ def write_shard_manifest(store: str | Path, i: int, n: int, slice_ids: list[str]
 
     Returns the manifest written, or None when the shard is not complete yet (``--limit``, an interrupted run).
     """
-    import h5py
-
-    from pipeline.store import atomic_write_text, file_sha256, read_errors
+    from pipeline.store import atomic_write_text, committed_parts, file_sha256, read_errors, read_part_index
 
     store = Path(store)
     name = shard_name(i, n)
     parts: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
-    for part in sorted((store / "parts").glob(f"{name}-*.h5")):
-        with h5py.File(part, "r") as f:
-            ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+    for part in committed_parts(store, name):
+        ids = read_part_index(part).ids
         parts[part.name] = {"ids": ids, "size": part.stat().st_size, "sha256": file_sha256(part)}
         for vid in ids:
             where.setdefault(vid, part.name)
@@ -371,15 +370,15 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
             "streams": {k: list(v) for k, v in fs._stream_shapes.items()},
             "videos": {vid: [parts[k], a, b] for vid, (k, a, b) in sorted(fs._index.items())},
             "failed": sorted({v for doc in manifests.values() for v in doc["failed"]} - set(fs._index)),
+            "duplicates": fs.duplicates,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     atomic_write_text(store / "index.json", json.dumps(index, sort_keys=True))
     return {"shards": n, "videos": len(index["videos"]), "failed": len(index["failed"]), "parts": len(parts),
-            "manifest_videos": total, "index": str(store / "index.json")}
+            "duplicates": fs.duplicates, "manifest_videos": total, "index": str(store / "index.json")}
 
 
 def _part_ids(path: Path) -> list[str]:
-    import h5py
+    from pipeline.store import read_part_index
 
-    with h5py.File(path, "r") as f:
-        return [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+    return read_part_index(path).ids

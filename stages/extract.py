@@ -232,35 +232,110 @@ def _embed(stream: _Stream, arr: np.ndarray, batch_size: int, seconds: dict[str,
     return out
 
 
-def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunOptions,
-            split_dir: str | Path | None = None, csv: str | Path | None = None, log=print) -> Summary:
-    """Extract features of every video of ``dataset`` into the store ``out``. Resumable and idempotent."""
-    import torch
-    from tqdm import tqdm
+def check_settings(cfg: ExtractConfig, opts: RunOptions) -> None:
+    """Refuse any setting that would fail or mean something else, before a store is created or a video decoded.
 
-    from pipeline.datasets import load_manifest
-    from pipeline.store import FeatureStore, read_errors
-    from pipeline.video import choose_backend
-    from stages.isolation import isolated_map
-
+    Flow settings are checked by running the flow method once on a tiny pair of frames, so an unknown parameter
+    or value fails here in one line rather than in every video.
+    """
     bad = [s for s in cfg.streams if s not in STREAMS]
     if bad or not cfg.streams:
         raise UserError(f"unknown stream(s) {', '.join(bad) or '(none)'}; choose from {', '.join(STREAMS)}")
-    if "flow" in cfg.streams:
-        from pipeline.flow import FLOW_METHODS
-
-        if cfg.flow_method not in FLOW_METHODS:
-            raise UserError(f"unknown flow method {cfg.flow_method!r}; choose one of {', '.join(FLOW_METHODS)}")
+    try:
+        Sampling(**asdict(cfg.sampling))  # a Sampling built elsewhere, re-checked
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.keep_views and cfg.tta == "center":
         raise UserError("--keep-views stores the --tta views one by one: use it with --tta flip or 10crop")
+    if cfg.spatial_grid is not None and cfg.spatial_grid < 1:
+        raise UserError(f"--spatial-grid must be >= 1; got {cfg.spatial_grid}")
     if opts.batch_size < 1 or opts.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    if not opts.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds; got {opts.timeout}")
+    if opts.commit_every < 1:
+        raise UserError(f"--commit-every must be >= 1; got {opts.commit_every}")
+    if "flow" in cfg.streams:
+        check_flow_settings(cfg)
+
+
+def check_flow_settings(cfg: ExtractConfig) -> None:
+    """Bound and stack in range, and the flow method built once with its parameters on a 32 x 32 pair."""
+    import math
+
+    from pipeline import flow as flowlib
+
+    if cfg.flow_method not in flowlib.FLOW_METHODS:
+        raise UserError(f"unknown flow method {cfg.flow_method!r}; choose one of {', '.join(flowlib.FLOW_METHODS)}")
+    if not (isinstance(cfg.flow_bound, int | float) and math.isfinite(cfg.flow_bound) and cfg.flow_bound > 0):
+        raise UserError(f"--flow-bound must be a finite number > 0 (Ma et al.: 20); got {cfg.flow_bound}")
+    if cfg.flow_stack < 1:
+        raise UserError(f"--flow-stack must be >= 1; got {cfg.flow_stack}")
+    params = dict(cfg.flow_params)
+    shown = " ".join(f"{k}={v}" for k, v in params.items()) or "(defaults)"
+    defaults = flowlib.default_params(cfg.flow_method)
+    for key, value in params.items():
+        want = defaults.get(key)
+        if want is None:
+            continue  # unknown names: the method itself refuses them below
+        if isinstance(want, bool | str):
+            ok = isinstance(value, type(want))
+        elif isinstance(want, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok:
+            raise UserError(f"--flow-param {key}={value!r}: expected a {type(want).__name__} like the default "
+                            f"{want!r} of flow {cfg.flow_method}")
+    # One run on a 32 x 32 pair with the iteration counts capped, so the check costs a fraction of a second
+    # whatever the method; every other value is used as given.
+    trial = {k: (min(v, 2) if k.endswith(("iterations", "warps")) and isinstance(v, int) and v > 0 else v)
+             for k, v in {**defaults, **params}.items()}
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (1, 32, 32), dtype=np.uint8)
+    b = np.roll(a, 1, axis=2)
+    try:
+        out = np.asarray(flowlib.compute_flow(a, b, method=cfg.flow_method, device="cpu", **trial))
+    except Exception as e:  # noqa: BLE001 - whatever the method raises, the settings are what is wrong
+        raise UserError(f"flow {cfg.flow_method} with {shown} does not run: {type(e).__name__}: {e}") from None
+    if out.shape != (1, 2, 32, 32) or not np.isfinite(out).all():
+        raise UserError(f"flow {cfg.flow_method} with {shown} gives no finite flow on a test pair")
+
+
+def _probe_store(out: Path, videos: list, opts: RunOptions, only_own: str | None) -> bool:
+    """Whether ``out`` can be written. When it cannot and every video is already committed there (nothing to
+    do), returns False; when there is work, refuses in one line before any decoding or model building."""
+    from pipeline.store import FeatureStore, StoreWriteError, committed_parts, read_part_index, writable_error
+
+    err = writable_error(out)
+    if err is None:
+        return True
+    done: set[str] = set()
+    if (out / "store.json").is_file():
+        if only_own:
+            done = {v for p in committed_parts(out, only_own) for v in read_part_index(p).ids}
+        else:
+            done = set(FeatureStore.open(out).ids())
+    if opts.retry_failed or any(v.id not in done for v in videos):
+        raise StoreWriteError(f"{out} cannot be written: {err.strerror or err}; nothing was extracted")
+    return False
+
+
+def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunOptions,
+            split_dir: str | Path | None = None, csv: str | Path | None = None, log=print) -> Summary:
+    """Extract features of every video of ``dataset`` into the store ``out``. Resumable and idempotent."""
+    from pipeline.datasets import load_manifest
+    from pipeline.store import StoreLock
+    from pipeline.video import choose_backend
+    from stages.finetune import check_checkpoints
+
+    check_settings(cfg, opts)
     t_start = time.perf_counter()
     manifest = load_manifest(dataset, split_dir=split_dir, csv=csv)
     # Shards (scale-out): one slice of the manifest, its own writer name, committed by a shard manifest.
-    videos, writer_name = manifest.videos, "p"
+    videos, writer_name = manifest.videos, None  # a plain writer gets a name no other process has
     if opts.shard is not None:
-        from stages.distributed import committed_shard, ids_digest, shard_name, shard_slice, write_shard_manifest
+        from stages.distributed import committed_shard, ids_digest, shard_name, shard_slice
 
         i, n = opts.shard
         if n < 1 or not 0 <= i < n:
@@ -272,16 +347,49 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     device = resolve_device(opts.device)
     decoder = choose_backend(cfg.decoder, device)
     # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
-    from stages.finetune import check_checkpoints
-
     check_checkpoints(cfg)
+    out = Path(out)
+    if not _probe_store(out, videos, opts, writer_name if opts.shard is not None else None):
+        return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
+    new = not (out / "store.json").exists()
+    # One plain writer per store on this machine, or distinct shards: a second one stops here, naming the first.
+    lock = StoreLock(out, shard=writer_name if opts.shard is not None else None).acquire()
+    try:
+        return _extract_locked(manifest, videos, writer_name, out, cfg, opts, t_start, device, decoder)
+    except BaseException:
+        if new and not (out / "store.json").exists():  # stopped before the store was created: leave no folder
+            _remove_empty_store(out)
+        raise
+    finally:
+        lock.release()
+
+
+def _remove_empty_store(out: Path) -> None:
+    from pipeline.store import LOCK_NAME
+
+    (out / LOCK_NAME).unlink(missing_ok=True)
+    for d in (out / "parts", out):
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            return
+
+
+def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig, opts: RunOptions, t_start: float,
+                    device: str, decoder: str) -> Summary:
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.store import FeatureStore, atomic_write_text, read_errors
+    from stages.isolation import isolated_map
+
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)
     summary = Summary(store=str(out))
 
     with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
-                             only_own=opts.shard is not None) as writer:
+                             only_own=opts.shard is not None, exclusive=opts.shard is None) as writer:
         items = videos
         if opts.retry_failed:
             failed = {e["id"] for e in read_errors(out)}
@@ -323,7 +431,12 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
                 bar.update(1)
                 continue
             t0 = time.perf_counter()
-            writer.add(res.key, feats, video["meta"])
+            if not writer.add(res.key, feats, video["meta"]):  # non-finite features: logged, not committed
+                summary.failed += 1
+                summary.failures.append({"id": res.key, "error": "NonFinite",
+                                         "message": "features are not finite (NaN or Inf)"})
+                bar.update(1)
+                continue
             summary.seconds["write"] += time.perf_counter() - t0
             summary.done += 1
             summary.frames += len(video["meta"]["frame_indices"])
@@ -332,14 +445,19 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
             bar.set_postfix(frames_s=f"{rate * summary.frames / max(summary.done, 1):.1f}", failed=summary.failed)
         bar.close()
         writer.commit()
-        if opts.retry_failed:
-            writer.prune_errors()
+        writer.prune_errors()  # one line per video (only when this writer holds the store alone)
     summary.wall = time.perf_counter() - t_start
-    if opts.shard is not None:  # issue 9: the shard manifest is the shard's commit (and holds its summary)
+    if opts.shard is not None:  # the shard manifest is the shard's commit (and holds its summary)
         from pipeline.store import config_hash
+        from stages.distributed import ids_digest, write_shard_manifest
 
-        write_shard_manifest(out, i, n, [v.id for v in videos], len(manifest.videos), digest,
-                             config_hash(writer.config), summary.as_dict())
+        i, n = opts.shard
+        write_shard_manifest(out, i, n, [v.id for v in videos], len(manifest.videos),
+                             ids_digest([v.id for v in manifest.videos]), config_hash(writer.config),
+                             summary.as_dict())
         return summary
-    (Path(out) / "last_run.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str))
+    try:
+        atomic_write_text(out / "last_run.json", json.dumps(summary.as_dict(), indent=2, default=str))
+    except OSError:
+        pass  # a note for the user, not part of the store: the summary is printed anyway
     return summary

@@ -12,7 +12,9 @@ weights, confusion matrix, COMPLETE), so it shows up in ``twostream report`` and
 from __future__ import annotations
 
 import json
+import math
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,23 @@ class FuseJob:
     cv: int = 5
     seed: int = 0  # fold assignment
 
+    def __post_init__(self):
+        """Every option is checked here, before any score is read (the CLI and the Python API both build a FuseJob)."""
+        problem = None
+        if self.weights is not None and not (all(math.isfinite(w) and w >= 0 for w in self.weights)
+                                             and sum(self.weights) > 0):
+            problem = f"--weights {','.join(map(str, self.weights))}: weights are non-negative and not all 0"
+        elif not (math.isfinite(self.step) and 0 < self.step <= 1 and math.isclose(round(1 / self.step) * self.step, 1)):
+            problem = f"--step {self.step}: a step of the weight grid is in (0, 1] and divides 1 (e.g. 0.1, 0.25)"
+        elif self.cv < 2:
+            problem = f"--cv {self.cv}: cross-validation needs at least 2 folds"
+        elif self.metric not in ("accuracy", "map"):
+            problem = f"metric {self.metric!r}: choose accuracy or map"
+        elif self.normalize not in ("zscore", "softmax", "none"):
+            problem = f"normalize {self.normalize!r}: choose zscore, softmax or none"
+        if problem:
+            raise UserError(problem)
+
 
 @dataclass
 class FusedRun:
@@ -58,8 +77,27 @@ class _Scores:
 
 
 def load_scores(path: Path) -> _Scores:
-    with np.load(path, allow_pickle=False) as z:
-        return _Scores(z["ids"], z["labels"], z["scores"], [str(c) for c in z["classes"]])
+    """A run's per-video scores; a damaged file (empty, truncated, missing arrays, shapes that disagree, non-finite
+    scores) is refused with one line naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            s = _Scores(z["ids"], z["labels"], z["scores"], [str(c) for c in z["classes"]])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); rerun that run") from None
+    n = len(s.ids)
+    if s.scores.ndim != 2 or s.scores.shape != (n, len(s.classes)) or s.labels.shape != (n,):
+        raise UserError(f"{path} is damaged: scores {s.scores.shape}, {n} ids, {s.labels.shape[0]} labels and "
+                        f"{len(s.classes)} classes do not agree; rerun that run")
+    if not np.isfinite(s.scores).all():
+        raise UserError(f"{path} holds non-finite scores (NaN or Inf); rerun that run")
+    return s
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); rerun that run") from None
 
 
 def _read_run(path: str) -> dict:
@@ -71,8 +109,8 @@ def _read_run(path: str) -> dict:
     for name in ("scores_val.npz", "scores_test.npz"):
         if not (d / name).is_file():
             raise UserError(f"{d} has no {name}; only runs that saved per-video scores can be fused")
-    return {"path": d, "config": json.loads((d / "config.json").read_text()),
-            "metrics": json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {},
+    return {"path": d, "config": _read_json(d / "config.json"),
+            "metrics": _read_json(d / "metrics.json") if (d / "metrics.json").is_file() else {},
             "val": load_scores(d / "scores_val.npz"), "test": load_scores(d / "scores_test.npz")}
 
 

@@ -26,6 +26,7 @@ import html
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,44 @@ class Row:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def _damage(d: Path) -> tuple[dict, dict] | str:
+    """(config, metrics) of a complete run directory, or why it cannot be read (a file missing or not valid)."""
+    read = {}
+    for name in ("config.json", "metrics.json"):
+        try:
+            read[name] = json.loads((d / name).read_text())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{name} is not valid JSON ({type(e).__name__}: {e})"
+        if not isinstance(read[name], dict):
+            return f"{name} does not hold a JSON object"
+    accuracy = read["metrics.json"].get("accuracy")
+    if not isinstance(accuracy, (int, float)) or not np.isfinite(accuracy):
+        return f"metrics.json has no finite accuracy (got {accuracy!r})"
+    return read["config.json"], read["metrics.json"]
+
+
 def collect_runs(root: str | Path) -> tuple[list[RunRecord], list[Path]]:
-    """(complete runs, unfinished run directories) under ``root``, sorted by path."""
+    """(complete runs, unfinished run directories) under ``root``, sorted by path.
+
+    A directory marked complete whose config.json or metrics.json is missing or unreadable is damaged: it is
+    skipped with a warning naming it, so one bad run never hides the others.
+    """
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder of runs")
     runs, unfinished = [], []
-    for cfg in sorted(root.rglob("config.json")):
-        d = cfg.parent
-        if not (d / COMPLETE).is_file() or not (d / "metrics.json").is_file():
+    dirs = {p.parent for p in root.rglob("config.json")} | {p.parent for p in root.rglob(COMPLETE)}
+    for d in sorted(dirs):
+        if not (d / COMPLETE).is_file():
             unfinished.append(d)
             continue
-        runs.append(RunRecord(d, json.loads(cfg.read_text()), json.loads((d / "metrics.json").read_text())))
+        read = _damage(d)
+        if isinstance(read, str):
+            warnings.warn(f"skipping damaged run {d}: {read}", stacklevel=2)
+            continue
+        runs.append(RunRecord(d, *read))
     return runs, unfinished
 
 

@@ -24,6 +24,11 @@ Workers load the features once: each keeps a ``FeatureCache`` of the stores it o
 while it fits ``cache_gb``) and of the dataset manifests, shared by all the runs it trains. With CUDA the workers
 share the GPUs (worker k on GPU k mod n): the heads are small, so several train side by side. A failing run is
 reported and the sweep goes on.
+
+The sweep owns its workers: each dies with the process that started it (``PR_SET_PDEATHSIG`` on Linux, and a
+watchdog thread that polls the parent's pid everywhere), so killing a sweep, even with ``kill -9``, leaves no worker
+training. Each run directory is written under its lock (``pipeline.runs.RunDir.claim``), so two sweeps over one
+``--out`` never write the same run: the second waits for it and finds it cached.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -42,8 +50,10 @@ from typing import Any
 import pipeline.baselines  # registers the kernel baselines: svm, svm-ef, svm-lf, svm-mkl
 import pipeline.heads  # noqa: F401  (registers every torch head)
 from pipeline.errors import UserError
+from pipeline.runs import ensure_writable
 
-__all__ = ["FeatureCache", "SweepOutcome", "dedupe", "expand", "load_sweep", "run_sweep", "set_value"]
+__all__ = ["FeatureCache", "SweepOutcome", "check_streams", "dedupe", "die_with_parent", "expand", "load_sweep",
+           "run_sweep", "set_value"]
 
 RUN_KEYS = ("head", "grid", "set", "streams", "splits", "seeds")
 TOP_KEYS = ("runs", "set", "streams", "splits", "seeds")
@@ -174,6 +184,15 @@ def dedupe(jobs: Sequence, default_streams: tuple[str, ...] | None = None) -> li
     return out
 
 
+def check_streams(jobs: Sequence, available: dict[str, int] | Sequence[str]) -> None:
+    """Refuse, before any run starts, a job that asks for a stream the store does not have."""
+    for job in jobs:
+        missing = [s for s in job.streams or () if s not in available]
+        if missing:
+            raise UserError(f"{describe(job)}: the feature store has no stream {missing[0]!r}; "
+                            f"it has: {', '.join(available)}")
+
+
 def describe(job) -> str:
     """``head [k=v ...] streams split seed`` for progress lines."""
     sets = " ".join(f"{k}={v}" for k, v in job.overrides)
@@ -269,8 +288,36 @@ class FeatureCache:
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(cache_gb: float, devices: list[str], counter, threads: int) -> None:
-    """Process-pool initializer: one cache per worker, a GPU by worker number, and a share of the CPU threads."""
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """End this process when ``parent_pid`` (the sweep that started it) is gone, however the parent died.
+
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``). Everywhere: a daemon thread
+    polls ``os.getppid()``, which changes once the parent is gone (the orphan is re-parented), and exits at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still ends the worker
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_init(cache_gb: float, devices: list[str], counter, threads: int, parent_pid: int) -> None:
+    """Process-pool initializer: die with the sweep, one cache per worker, a GPU by worker number, and a share of
+    the CPU threads."""
+    die_with_parent(parent_pid)
     import torch
 
     with counter.get_lock():
@@ -289,16 +336,21 @@ def _run_one(job) -> dict:
     if job.device == "auto" and _WORKER.get("device"):
         job = dataclasses.replace(job, device=_WORKER["device"])
     t0 = time.perf_counter()
+    notes: list[str] = []  # what the sweep should tell the user (e.g. waiting for a run another process holds)
+
+    def note(msg: str) -> None:
+        if "waiting for it" in msg:
+            notes.append(msg)
+
     try:
-        res = train(job, progress=False, echo=lambda msg: None, open_store=cache.open_store,
-                    open_manifest=cache.load_manifest)
+        res = train(job, progress=False, echo=note, open_store=cache.open_store, open_manifest=cache.load_manifest)
     except Exception as e:  # noqa: BLE001  (a failing run is reported, the sweep goes on)
         return {"status": "failed", "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=-4), "pid": os.getpid()}
+                "traceback": traceback.format_exc(limit=-4), "pid": os.getpid(), "notes": notes}
     m = res.metrics
     return {"status": "cached" if res.cached else "trained", "run": res.path.name, "path": str(res.path),
             "seconds": time.perf_counter() - t0, "fit_seconds": m.get("fit_seconds"), "accuracy": m.get("accuracy"),
-            "pid": os.getpid(), "device": m.get("device")}
+            "pid": os.getpid(), "device": m.get("device"), "notes": notes}
 
 
 @dataclass
@@ -336,6 +388,8 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
     from tqdm.auto import tqdm
 
     jobs = list(jobs)
+    for out in sorted({job.out for job in jobs}):
+        ensure_writable(out)  # before any worker starts: a folder that cannot take runs is one clear error
     outcomes: list[SweepOutcome | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="sweep", unit="run", disable=not progress)
     counts = {"trained": 0, "cached": 0, "failed": 0}
@@ -343,6 +397,8 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
 
     def done(i: int, info: dict) -> None:
         outcomes[i] = SweepOutcome(jobs[i], info["status"], info)
+        for msg in info.get("notes", ()):
+            say(msg)
         counts[info["status"]] += 1
         if info["status"] != "cached":
             _log(jobs[i].out, jobs[i], info)
@@ -380,7 +436,7 @@ def _run_pool(jobs: list, workers: int, cache_gb: float, done: Callable[[int, di
     broken_before: set[int] = set()
     while todo:
         pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
-                                   initargs=(cache_gb, devices, ctx.Value("i", 0), threads))
+                                   initargs=(cache_gb, devices, ctx.Value("i", 0), threads, os.getpid()))
         retry: list[int] = []
         try:
             pending = {pool.submit(_run_one, jobs[i]): i for i in todo}

@@ -113,7 +113,10 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
     run = RunDir(job.out, job.head, config)
+    if not run.complete:
+        run.claim(echo)  # from here this process alone writes the run (waits while another process trains it)
     if run.complete:
+        run.release()
         echo(f"cached: {run.path}")
         return RunResult(run.path, run.read_json("metrics.json"), cached=True)
 

@@ -102,11 +102,11 @@ def test_shard_runs_equal_single_process_then_merge(dataset, reference, tmp_path
         s = extract(dataset, store, CFG, replace(OPTS, shard=(i, 3)))
         assert s.done == 2 and s.failed == 0
     assert sorted(p.name for p in (store / "shards").glob("*.json")) == [f"{shard_name(i, 3)}.json" for i in range(3)]
-    parts = sorted(p.name for p in (store / "parts").iterdir())
+    parts = sorted(p.name for p in (store / "parts").glob("*.h5"))  # each with its .sha256
     assert all(p.startswith("s000") and "of0003-" in p for p in parts)
     # a committed shard is never redone: nothing extracted, no new part
     s = extract(dataset, store, CFG, replace(OPTS, shard=(1, 3)))
-    assert s.done == 0 and s.skipped == 2 and sorted(p.name for p in (store / "parts").iterdir()) == parts
+    assert s.done == 0 and s.skipped == 2 and sorted(p.name for p in (store / "parts").glob("*.h5")) == parts
     with FeatureStore.open(store) as fs:  # stage two reads a sharded store like any other, before merge too
         assert_same_features(reference, fs)
     r = merge(store, checksums=True)

@@ -1,12 +1,13 @@
 """The feature store: atomic parts, resume, config refusal, safety checks, bulk load."""
 
 import json
+import subprocess
 
 import h5py
 import numpy as np
 import pytest
 
-from pipeline.store import FeatureStore, StoreError
+from pipeline.store import FeatureStore, StoreError, process_token
 
 CFG = {"backbone": "tiny", "frames": 4}
 
@@ -44,8 +45,13 @@ def test_uncommitted_work_is_invisible_and_resumes(tmp_path):
     w = FeatureStore.writer(tmp_path / "s", CFG, commit_every=2)
     for i in range(3):
         w.add(f"v{i}", _video(rng), _meta())
-    # simulate a kill: the third video is still buffered and a stale partial lies around
-    (tmp_path / "s" / "parts" / "p-000001.h5.partial").write_bytes(b"garbage")
+    # simulate a kill: the third video is still buffered and the partial of a dead writer lies around
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # a process that has exited: its pid is dead
+    dead_pid = proc.pid
+    token = process_token().split("-")
+    stale = tmp_path / "s" / "parts" / f"x-000001.h5.{token[0]}-{dead_pid}-abcdef.partial"
+    stale.write_bytes(b"garbage")
     assert FeatureStore.open(tmp_path / "s").ids() == ["v0", "v1"]
     w2 = FeatureStore.writer(tmp_path / "s", CFG, commit_every=2)
     assert w2.done == {"v0", "v1"}
@@ -85,12 +91,15 @@ def test_unsafe_parts_are_refused(tmp_path, bad):
 
 def test_errors_file_and_prune(tmp_path):
     rng = np.random.default_rng(3)
-    w = FeatureStore.writer(tmp_path / "s", CFG)
+    w = FeatureStore.writer(tmp_path / "s", CFG, exclusive=True)
     w.log_error("bad.avi", "decode", "RuntimeError", "boom")
     w.log_error("late.avi", "decode", "timeout", "took too long")
+    w.log_error("bad.avi", "decode", "RuntimeError", "boom again")  # --retry-failed failed it once more
+    assert [(e["id"], e["message"]) for e in FeatureStore.open(tmp_path / "s").errors()] == [
+        ("late.avi", "took too long"), ("bad.avi", "boom again")]  # one entry per video, the latest
     w.add("late.avi", _video(rng), _meta())
     w.close()
     w.prune_errors()
     lines = [json.loads(x) for x in (tmp_path / "s" / "errors.jsonl").read_text().splitlines()]
-    assert [e["id"] for e in lines] == ["bad.avi"]
+    assert [(e["id"], e["message"]) for e in lines] == [("bad.avi", "boom again")]
     assert [e["id"] for e in FeatureStore.open(tmp_path / "s").errors()] == ["bad.avi"]

@@ -181,7 +181,7 @@ def test_failing_run_is_reported_and_the_sweep_goes_on(dataset, tmp_path):
     root, store = dataset
     (tmp_path / "s.yaml").write_text(
         "runs:\n"
-        "  - head: ts-lstm\n    streams: [rgb]\n    set: {segments: 0, hidden: 8}\n"  # the builder refuses 0 segments
+        "  - head: conv-pool\n    streams: [rgb]\n    set: {hidden: 8}\n"  # 6 rgb dims are no C x 3 x 3 map
         "  - head: temporal-pool\n    streams: [rgb]\n")
     out = tmp_path / "runs"
     args = [str(store), str(tmp_path / "s.yaml"), "--dataset", str(root), "--out", str(out), "--quiet"]
@@ -189,12 +189,12 @@ def test_failing_run_is_reported_and_the_sweep_goes_on(dataset, tmp_path):
         args += ["--set", f"{k}={v}"]
     res = CliRunner().invoke(sweep, args)
     assert res.exit_code == 1, res.output
-    assert "2 runs, 1 trained, 0 cached, 1 failed" in res.output and "ValueError" in res.output
+    assert "2 runs, 1 trained, 0 cached, 1 failed" in res.output and "is not C x 3 x 3" in res.output
     assert len(_complete(out)) == 1
     log = [json.loads(line) for line in (out / "sweep-log.jsonl").read_text().splitlines()]
     assert sorted(row["status"] for row in log) == ["failed", "trained"]
     res = CliRunner().invoke(sweep, args + ["--dry-run"])
-    assert res.exit_code == 0 and "2 runs" in res.output and "segments=0" in res.output
+    assert res.exit_code == 0 and "2 runs" in res.output and "hidden=8" in res.output
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -145,6 +145,7 @@ class TSLSTMConfig:
     hidden: tuple[int, ...] = (512,)
     bn_out: bool = True
     dropout: float = 0.0
+    choices: ClassVar[dict] = {"pool": ("max", "mean")}  # checked with the generic ranges (registry.check_config)
     train_defaults: ClassVar[dict] = _LSTM_TRAIN
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.heads.base import Head
 from pipeline.heads.temporal_pool import FrameBatchNorm
 from pipeline.registry import HEADS
@@ -188,6 +189,12 @@ class TemporalVGGConfig:
     # Epochs and batch size from the authors' code (30 epochs, batch 16); 25 equally spaced frames.
     train_defaults: ClassVar[dict] = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-1, "epochs": 30,
                                       "batch_size": 16, "frames": 25}
+    choices: ClassVar[dict] = {"downsample": ("pool", "stride"), "time_reduce": ("max", "flatten")}
+
+    def __post_init__(self):
+        even = [k for k in self.kernels if k % 2 == 0]
+        if even:
+            raise UserError(f"{type(self).__name__}: temporal kernel sizes must be odd (same padding), got {even[0]}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ class TemporalInceptionConfig(TemporalVGGConfig):
     reduce: str = "conv"  # "conv" | "max" | "avg": how the filter dimension is reduced (Table 9)
     reduce_dims: tuple[int, ...] = (4, 2, 1)  # conv fusion widths
     reduce_per_module: bool = False  # reduce to one channel after every module instead of after all
+    choices: ClassVar[dict] = {**TemporalVGGConfig.choices, "reduce": ("conv", "max", "avg")}
 
 
 class TemporalConvHead(Head):

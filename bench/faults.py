@@ -1,0 +1,73 @@
+"""Fault-injection catalogue: run every test marked ``faults`` and print one line per case.
+
+Each case is a real fault or bad input (two writers at once, a full disk, a damaged part, NaN features, a
+killed sweep, a bad setting...) and the behaviour the project promises for it (a clear one-line error, nothing
+lost, no result that looks right). A case *survives* when its test passes. The first line of a test's
+docstring names the case.
+
+    python bench/faults.py            # the whole catalogue
+    python bench/faults.py -k store   # a subset (pytest -k expression)
+
+Exit status: 0 when every case survived, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Catalogue:
+    """A pytest plugin that keeps, per test, its case name and whether it passed."""
+
+    def __init__(self):
+        self.cases: dict[str, dict] = {}
+
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            doc = (getattr(item, "obj", None).__doc__ or "").strip().splitlines()
+            self.cases[item.nodeid] = {"case": doc[0].rstrip(".") if doc else item.name, "outcome": "not run",
+                                       "seconds": 0.0}
+
+    def pytest_runtest_logreport(self, report):
+        case = self.cases.get(report.nodeid)
+        if case is None:
+            return
+        case["seconds"] += report.duration
+        if report.when == "call" or report.outcome != "passed":
+            # a failure in setup/teardown counts, as does a skip (the case was not tried)
+            if case["outcome"] in ("not run", "passed"):
+                case["outcome"] = report.outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-k", default=None, help="pytest -k expression to pick cases")
+    args = ap.parse_args(argv)
+    cat = Catalogue()
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "faults", "--no-header", "-rN", str(ROOT / "tests")]
+    if args.k:
+        pytest_args += ["-k", args.k]
+    t0 = time.perf_counter()
+    pytest.main(pytest_args, plugins=[cat])
+    tried = [c for c in cat.cases.values() if c["outcome"] != "skipped"]
+    survived = [c for c in tried if c["outcome"] == "passed"]
+    print()
+    width = max((len(c["case"]) for c in cat.cases.values()), default=10)
+    for c in cat.cases.values():
+        mark = {"passed": "survived", "failed": "FAILED", "skipped": "skipped"}.get(c["outcome"], c["outcome"])
+        print(f"{c['case']:<{width}}  {mark:<8}  {c['seconds']:6.1f} s")
+    print(f"\n{len(survived)} survived / {len(tried)} tried"
+          + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
+          + f" in {time.perf_counter() - t0:.0f} s")
+    return 0 if tried and len(survived) == len(tried) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,9 @@ def ensure_writable(out: str | os.PathLike) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # a unique name: threads and processes may probe at once
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise UserError(f"cannot write runs to {out}: {e.strerror or e}") from None
     return out

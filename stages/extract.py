@@ -268,16 +268,24 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     device = resolve_device(opts.device)
     decoder = choose_backend(cfg.decoder, device)
     # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
-    from stages.finetune import check_checkpoints
+    from stages.finetune import check_checkpoints, checkpoint_provenance
 
     check_checkpoints(cfg)
+    finetuned, seen_lists = checkpoint_provenance(cfg)
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)
+    if finetuned:  # which videos the CNNs were trained on; absent for ImageNet weights (older stores keep their hash)
+        config["finetuned"] = finetuned
     summary = Summary(store=str(out))
 
     with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
                              only_own=opts.shard is not None) as writer:
+        if finetuned:  # the id lists behind the config's digests, for stage two's leak check
+            from pipeline.provenance import PROVENANCE_FILE
+            from pipeline.store import atomic_write_text
+
+            atomic_write_text(Path(out) / PROVENANCE_FILE, json.dumps(seen_lists, sort_keys=True))
         items = videos
         if opts.retry_failed:
             failed = {e["id"] for e in read_errors(out)}

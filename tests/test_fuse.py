@@ -1,5 +1,6 @@
-"""Score fusion of finished runs (issue 6 part 4): weights by cross-validation on validation scores reproduce the
-better input when the other is noise; weights by hand; a run directory with metrics; clear refusals."""
+"""Score fusion of finished runs: weights by cross-validation on the fusion fold reproduce the better input when the
+other is noise; weights by hand; a run directory with metrics; clear refusals; per-run normalisation by run kind;
+weights that never look at validation or test scores."""
 
 from __future__ import annotations
 
@@ -18,20 +19,27 @@ CLASSES = ["a", "b", "c", "d"]
 
 
 def _fake_run(out, name: str, scores_of, split: int = 1, n_val: int = 40, n_test: int = 60, seed: int = 0,
-              test_ids=None):
-    """A complete run directory as stages.train writes it, with scores from ``scores_of(labels, rng)``."""
+              test_ids=None, n_fusion: int = 40, fold: str | None = "fold-1", head: str | None = None,
+              val_scores_of=None):
+    """A complete run directory as stages.train writes it, with scores from ``scores_of(labels, rng)`` (validation
+    scores from ``val_scores_of`` when given); ``fold``: the fusion fold's digest (None: a run without one)."""
     rng = np.random.default_rng(seed)
     y_val = np.arange(n_val) % len(CLASSES)
     y_test = np.arange(n_test) % len(CLASSES)
     ids_val = [f"v/val{i:03d}.avi" for i in range(n_val)]
     ids_test = test_ids or [f"v/test{i:03d}.avi" for i in range(n_test)]
-    config = {"head": name, "split": split, "streams": [name], "manifest_fingerprint": "m1",
-              "head_config": {}, "train": {"seed": seed}}
+    config = {"head": head or name, "split": split, "streams": [name], "manifest_fingerprint": "m1",
+              "head_config": {}, "train": {"seed": seed},
+              "fusion_fold": {"fraction": 0.1, "n": n_fusion, "sha256": fold} if fold else None}
     run = RunDir(out, name, config)
     run.start()
-    s_val, s_test = scores_of(y_val, rng), scores_of(y_test, rng)
+    s_val, s_test = (val_scores_of or scores_of)(y_val, rng), scores_of(y_test, rng)
     run.write_scores("scores_val.npz", ids_val, y_val, s_val, CLASSES)
     run.write_scores("scores_test.npz", ids_test, y_test, s_test, CLASSES)
+    if fold:
+        y_fold = np.arange(n_fusion) % len(CLASSES)
+        run.write_scores("scores_fusion.npz", [f"v/fusion{i:03d}.avi" for i in range(n_fusion)], y_fold,
+                         scores_of(y_fold, rng), CLASSES)
     run.write_json("metrics.json", classification_report(s_test, y_test, CLASSES))
     run.mark_complete()
     return run.path
@@ -48,11 +56,12 @@ def noise(y, rng):
 
 
 def test_cross_validated_weights_reproduce_the_better_input(tmp_path):
-    good = _fake_run(tmp_path / "in", "good", informative, n_val=600, n_test=200, seed=1)
-    bad = _fake_run(tmp_path / "in", "bad", noise, n_val=600, n_test=200, seed=2)
-    res = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out")), echo=lambda m: None)
+    good = _fake_run(tmp_path / "in", "good", informative, n_fusion=600, n_test=200, seed=1)
+    bad = _fake_run(tmp_path / "in", "bad", noise, n_fusion=600, n_test=200, seed=2)
+    res = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out"), normalize="zscore"),
+               echo=lambda m: None)
     m = res.metrics
-    # CV on 600 validation videos: (nearly) all weight on the informative run. A small weight on noise flips few
+    # CV on 600 fusion-fold videos: (nearly) all weight on the informative run. A small weight on noise flips few
     # argmaxes and can win a fold by chance, so the check is on the outcome; the next test pins exact weights.
     assert m["weights"][1] >= 0.8 and m["weights_by"].startswith("cross-validation")
     good_m = json.loads((good / "metrics.json").read_text())
@@ -67,18 +76,24 @@ def test_cross_validated_weights_reproduce_the_better_input(tmp_path):
     assert (fused_pred == good_pred).mean() >= 0.85  # the better input's predictions, reproduced
     # a run directory like any other
     assert res.path.parent == tmp_path / "out" and res.path.name.startswith("score-fusion-")
-    for f in ("config.json", "metrics.json", "scores_val.npz", "scores_test.npz", "weights.npz", "confusion.png",
-              COMPLETE):
+    for f in ("config.json", "metrics.json", "scores_val.npz", "scores_fusion.npz", "scores_test.npz", "weights.npz",
+              "confusion.png", COMPLETE):
         assert (res.path / f).is_file(), f
     with np.load(res.path / "weights.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["weights_"], m["weights"])
-    again = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out")), echo=lambda m: None)
+    again = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out"), normalize="zscore"),
+                 echo=lambda m: None)
     assert again.cached and again.path == res.path
+    # auto (these heads are not torch heads: temperature per run) flattens the noise run to near-uniform
+    # log-probabilities, so whatever its weight the fused predictions are the informative run's
+    auto = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out")), echo=lambda m: None).metrics
+    assert auto["normalization"][bad.name]["temperature"] > 100 * auto["normalization"][good.name]["temperature"]
+    assert abs(auto["accuracy"] - good_m["accuracy"]) <= 0.02
 
 
 def test_exact_weights_when_noise_hurts_every_mix(tmp_path):
     """The informative run is right on every video by a fixed margin and the noise run is huge where it is
-    wrong, so any weight on noise costs validation accuracy: CV must give exactly (0, 1)."""
+    wrong, so any weight on noise costs fusion-fold accuracy: CV must give exactly (0, 1)."""
     def clean(y, rng):
         s = np.zeros((len(y), len(CLASSES)))
         s[np.arange(len(y)), y] = 1.0

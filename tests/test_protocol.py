@@ -151,7 +151,7 @@ def test_three_split_protocol_with_one_store_per_split(tmp_path):
         _fine_tune_record(tmp_path / f"store-{n}", root, n, tmp_path / f"ckpt-{n}")
     job = _job(root, tmp_path / "store-{split}", tmp_path, streams=("rgb",))
     results, path, summary = train_splits(job, [1, 2], **QUIET)
-    assert summary["splits"] == [1, 2] and len(summary["accuracy"]["per_split"]) == 2
+    assert summary["splits"] == [1, 2] and len(summary["accuracy"]["per_split"]) == 2 and path.is_file()
     fps = [json.loads((r.path / "config.json").read_text())["finetuned"]["rgb"]["split"] for r in results]
     assert fps == [1, 2]
     with pytest.raises(UserError, match="fine-tuned on split 1 and saw"):

@@ -28,7 +28,9 @@ Outputs in OUT, one set per stream (so ``ckpt/rgb.safetensors`` and ``ckpt/flow.
                           ``build_backbone`` makes, so ``twostream extract --rgb-checkpoint / --flow-checkpoint``
                           loads it as any weights file (and the store records its name and sha256). Metadata
                           ``"twostream"``: JSON of the config, backbone, classes, flow settings (method, every
-                          parameter, bound, L) and validation accuracy. The 1000-way ImageNet classifier of the
+                          parameter, bound, L), validation accuracy, and the dataset fingerprint, split and sorted
+                          ids of the videos it trained and validated on (``seen``: what stage two must not test on;
+                          ``checkpoint_provenance`` hands it to extraction). The 1000-way ImageNet classifier of the
                           start weights is carried over untouched; the dataset classifier is not a feature.
 ``<stream>.json``         the same record, readable, with the per-epoch history; ``"complete": true`` at the end.
 ``<stream>.epochs/epoch_NNNN.safetensors``  resume points: network with its dataset classifier, SGD momentum,

@@ -192,3 +192,17 @@ def test_make_protocol_fine_tunes_extracts_and_trains_per_split():
         assert f"--{stream}-checkpoint p/ckpt-$s/{stream}.safetensors" in out
     assert "--out p/ckpt-$s" in out and "extract d --out p/store-$s" in out and "for s in 1 2" in out
     assert "train 'p/store-{split}' --dataset d" in out and "--late-fusion" in out and "1 2" in out
+
+
+def test_runs_of_one_setting_on_two_splits_share_a_leaderboard_row(tmp_path):
+    """Each split carves its own fusion fold; the report still groups a setting's runs over splits."""
+    from stages.report import collect_runs, leaderboard
+
+    root, store = write_ucf_store(tmp_path, CLASSES, T=6)
+    _write_split(root, 2, {3, 4})
+    results, _, _ = train_splits(_job(root, store, tmp_path, streams=("rgb",)), [1, 2], **QUIET)
+    folds = [json.loads((r.path / "config.json").read_text())["fusion_fold"]["sha256"] for r in results]
+    assert folds[0] != folds[1]
+    runs, _ = collect_runs(tmp_path / "runs")
+    (row,) = leaderboard(runs)
+    assert len(row.runs) == 2

@@ -27,7 +27,8 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["FUSION_FOLD_SEED", "VideoFeatures", "carve_fusion_fold", "carve_validation", "collate", "iter_batches", "join", "sample_frames", "video_level"]
+__all__ = ["FUSION_FOLD_SEED", "VideoFeatures", "carve_fusion_fold", "carve_validation", "collate",
+           "iter_batches", "join", "sample_frames", "video_level"]
 
 
 def sample_frames(n_stored: int, frames: int) -> np.ndarray:

@@ -60,8 +60,9 @@ __all__ = ["EARLY_FUSION_NOTE", "RunResult", "SplitFolds", "TrainJob", "check_st
 
 RUN_FORMAT = 2  # bump when the run directory's content changes meaning, so old runs are not reused
 FUSION_FOLD = 0.1  # share of each class's training videos every run holds out for score fusion
-EARLY_FUSION_NOTE = ("early fusion: the streams' features are concatenated per frame and one head sees them all; "
-                     "the papers train one model per stream and fuse their scores (--late-fusion)")
+EARLY_FUSION_NOTE = ("the streams' features are concatenated per frame into one input of this head (early fusion, "
+                     "unless the head splits them itself: two-stream, nn-lf, svm-lf, ...); the papers train one model "
+                     "per stream and fuse their scores: --late-fusion")
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,37 @@ def test_checkpoint_records_its_videos_and_stage_two_refuses_the_other_splits(fl
         assert len(z["ids"]) > 0
 
 
+def test_checkpoint_without_its_videos_is_refused_by_extraction_and_completed_by_a_rerun(flow_run, small,
+                                                                                           small_cache, tmp_path):
+    """A checkpoint written before checkpoints recorded their videos cannot be checked: extraction refuses it; the
+    same `finetune` rerun into its folder adds the record and leaves the weights as they were."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.finetune import checkpoint_provenance
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(flow_run[0], out)
+    ckpt = out / "flow.safetensors"
+    rec = read_checkpoint_record(ckpt)
+    old = {k: v for k, v in rec.items() if k not in ("seen", "split")}
+    tensors = load_file(str(ckpt))
+    save_file(tensors, str(ckpt), metadata={"twostream": json.dumps(old)})
+    cfg = ExtractConfig(streams=("flow",), flow_weights=str(ckpt), flow_method="farneback", flow_bound=5.0,
+                        flow_stack=L)
+    with pytest.raises(UserError, match="does not record the videos it was trained on"):
+        checkpoint_provenance(cfg)
+    finetune(small, out, FinetuneConfig(stream="flow", epochs=1, batch_size=4, input_size=32, flow_stack=L,
+                                        flip=False, val_fraction=0.3),
+             FinetuneOptions(flow_cache=str(small_cache), progress=False), log=lambda m: None)
+    assert read_checkpoint_record(ckpt)["seen"] == rec["seen"]
+    again = load_file(str(ckpt))
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+    summary, lists = checkpoint_provenance(cfg)
+    assert summary["flow"]["split"] == 1 and lists["flow"]["train"] == rec["seen"]["train"]
+
+
 def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path):
     """kill -9 after epoch 1, resume: the epoch-3 weights equal those of a run that was never interrupted."""
     args = ["--stream", "rgb", "--backbone", "timm:resnet10t", "--weights", "random", "--batch-size", "2",

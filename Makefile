@@ -9,8 +9,11 @@ RUNS    ?= runs
 FLOW    ?= dis
 HEAD    ?= ts-lstm
 WORKERS ?= 2
+SPLITS  ?= 1 2 3
+PROTO   ?= data/protocol
+FT_ARGS ?=
 
-.PHONY: install demo extract train sweep report test test-slow test-all bench lint clean
+.PHONY: install demo extract train protocol sweep report test test-slow test-all bench lint clean
 
 $(BIN)/twostream: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +38,22 @@ extract: demo
 # Stage two on the cached features: the default head on split 1.
 train: | $(BIN)/twostream
 	$(TS) train $(STORE) --dataset $(DATA) --split 1 --head $(HEAD) --streams rgb,flow --out $(RUNS)
+
+# The three-split protocol (Ma et al. Sec. 3.1; UCF101/HMDB51's three splits), one command: per split, fine-tune the
+# rgb and flow CNNs on that split's training videos, extract a store with them ($(PROTO)/store-N); then train HEAD on
+# each stream of each split's own store, late-fuse the streams on the fusion fold, and write the mean +- std over
+# SPLITS (runs/<head>-late-fusion-splits-*.md). Stage two refuses any other pairing of store and split. Resumable:
+# rerun to continue. FT_ARGS goes to `twostream finetune` (e.g. FT_ARGS="--epochs 2 --input-size 112" for a quick look).
+protocol: demo
+	for s in $(SPLITS); do \
+	  $(TS) finetune $(DATA) --stream rgb --split $$s --out $(PROTO)/ckpt-$$s --quiet $(FT_ARGS) && \
+	  $(TS) finetune $(DATA) --stream flow --split $$s --flow $(FLOW) --out $(PROTO)/ckpt-$$s --quiet $(FT_ARGS) && \
+	  $(TS) extract $(DATA) --out $(PROTO)/store-$$s --streams rgb,flow --flow $(FLOW) --workers $(WORKERS) \
+	    --rgb-checkpoint $(PROTO)/ckpt-$$s/rgb.safetensors --flow-checkpoint $(PROTO)/ckpt-$$s/flow.safetensors \
+	  || exit 1; \
+	done
+	$(TS) train '$(PROTO)/store-{split}' --dataset $(DATA) --splits "$$(echo $(SPLITS) | tr ' ' ',')" \
+	  --head $(HEAD) --streams rgb,flow --late-fusion --out $(RUNS)
 
 sweep: | $(BIN)/twostream
 	$(TS) sweep $(STORE) --dataset $(DATA) examples/sweep-demo.yaml --out $(RUNS) --jobs 2

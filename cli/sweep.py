@@ -87,11 +87,12 @@ def report(runs_dir, out):
 @click.argument("runs", metavar="RUN_DIR RUN_DIR...", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", default="runs", type=click.Path(file_okay=False), help="Folder of run directories.")
 @click.option("--weights", default=None, help="Weights by hand, e.g. 1,2 (normalised to sum 1). "
-              "[default: chosen by cross-validation on the runs' validation scores]")
+              "[default: chosen by cross-validation on the fusion fold every run held out]")
 @click.option("--metric", type=click.Choice(["accuracy", "map"]), default="accuracy",
               help="What cross-validation maximises.")
-@click.option("--normalize", type=click.Choice(["zscore", "softmax", "none"]), default="zscore",
-              help="Per-run score normalisation before the weighted sum.")
+@click.option("--normalize", type=click.Choice(["auto", "log-softmax", "temperature", "zscore", "softmax", "none"]),
+              default="auto", help="Per-run score normalisation before the weighted sum; auto: log-softmax for "
+              "torch heads, temperature fitted on the fusion fold for SVM margins.")
 @click.option("--step", type=float, default=0.1, help="Grid step over the weight simplex.")
 @click.option("--cv", type=int, default=5, help="Cross-validation folds.")
 def fuse(runs, out, weights, metric, normalize, step, cv):

@@ -68,10 +68,15 @@ def _parse_list(text: str | None, what: str, cast=str) -> list | None:
 @click.option("--dataset", required=True, type=click.Path(), help="Dataset root (videos and list files) or a CSV.")
 @click.option("--split-dir", type=click.Path(), default=None, help="Folder of split files, if not under the root.")
 @click.option("--split", type=int, default=1, help="Train/test split to run.")
-@click.option("--splits", default=None, help="Several splits, e.g. 1,2,3: one run each plus a mean +- std summary.")
+@click.option("--splits", default=None, help="Several splits, e.g. 1,2,3: one run each plus a mean +- std summary. "
+              "STORE may contain {split} for one store per split (CNNs fine-tuned per split).")
 @click.option("--head", default="ts-lstm", help="Registered head (see `twostream heads`).")
-@click.option("--streams", default=None, help="rgb, flow or rgb,flow (concatenated per frame). [default: rgb,flow "
-              "where the store has them]")
+@click.option("--streams", default=None, help="rgb, flow or rgb,flow (concatenated per frame: early fusion, unless "
+              "--late-fusion). [default: rgb,flow where the store has them]")
+@click.option("--late-fusion", is_flag=True, help="The papers' two-stream route: one run per stream, scores fused "
+              "on the fusion fold (twostream fuse).")
+@click.option("--fusion-fold", type=float, default=0.1, help="Share of each class's training videos every run holds "
+              "out for score fusion (same videos for every head and seed; 0: none, and the run cannot be fused).")
 @set_option("Override head-config or train keys: --set a=1 b=2 (repeatable); head.KEY / train.KEY to be explicit.")
 @click.option("--out", default="runs", type=click.Path(file_okay=False), help="Folder of run directories.")
 @click.option("--seed", type=int, default=0, help="Seed of initial weights, batch order and validation carving.")
@@ -80,12 +85,16 @@ def _parse_list(text: str | None, what: str, cast=str) -> list | None:
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Finished run whose weights initialise this head (network expansion, Ng et al. 3.3).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(store, dataset, split_dir, split, splits, head, streams, sets, out, seed, device, allow_missing, init_from,
-          quiet):
-    """Train HEAD on the features in STORE for a split of DATASET; writes OUT/<head>-<hash>/."""
+def train(store, dataset, split_dir, split, splits, head, streams, late_fusion, fusion_fold, sets, out, seed, device,
+          allow_missing, init_from, quiet):
+    """Train HEAD on the features in STORE for a split of DATASET; writes OUT/<head>-<hash>/.
+
+    With several streams one head sees their features concatenated per frame (early fusion); --late-fusion
+    trains one run per stream and fuses their scores, as the papers do.
+    """
     import warnings
 
-    from stages.train import TrainJob, train_splits
+    from stages.train import TrainJob, train_late_fusion, train_splits
     from stages.train import train as run_train
 
     warnings.formatwarning = lambda message, *args, **kw: f"warning: {message}\n"  # one line, no source path
@@ -93,9 +102,12 @@ def train(store, dataset, split_dir, split, splits, head, streams, sets, out, se
     job = TrainJob(store=store, dataset=dataset, head=head, split=split,
                    streams=tuple(_parse_list(streams, "--streams")) if streams else None,
                    overrides=_parse_sets(sets), out=out, seed=seed, device=device,
-                   allow_missing=allow_missing, split_dir=split_dir, init_from=init_from)
+                   allow_missing=allow_missing, split_dir=split_dir, init_from=init_from, fusion_fold=fusion_fold)
     if splits:
-        train_splits(job, _parse_list(splits, "--splits", int), progress=not quiet, echo=click.echo)
+        train_splits(job, _parse_list(splits, "--splits", int), progress=not quiet, echo=click.echo,
+                     late_fusion=late_fusion)
+    elif late_fusion:
+        train_late_fusion(job, progress=not quiet, echo=click.echo)
     else:
         run_train(job, progress=not quiet, echo=click.echo)
 
@@ -122,3 +134,6 @@ def heads(pattern):
             click.echo("    train: " + ", ".join(f"{k}={v!r}" for k, v in td.items()))
     base = TrainConfig()
     click.echo("\ntrain keys (every head): " + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS))
+    click.echo("\nstreams: `train --streams rgb,flow` concatenates the streams per frame for one head (early "
+               "fusion, the default);\nthe papers' route is one model per stream with their scores fused: "
+               "`twostream train STORE --dataset D --head H --streams rgb,flow --late-fusion`.")

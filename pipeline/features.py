@@ -27,8 +27,8 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["VideoFeatures", "carve_validation", "check_frames", "collate", "describe_sampling", "iter_batches", "join",
-           "sample_frames", "video_level"]
+__all__ = ["FUSION_FOLD_SEED", "VideoFeatures", "carve_fusion_fold", "carve_validation", "check_frames", "collate",
+           "describe_sampling", "iter_batches", "join", "sample_frames", "video_level"]
 
 
 def sample_frames(n_stored: int, frames: int) -> np.ndarray:
@@ -119,13 +119,17 @@ def join(items: Sequence, store_ids: set[str] | Sequence[str], allow_missing: bo
     return [it for it in items if it.id in have]
 
 
-def carve_validation(items: Sequence, fraction: float, seed: int = 0) -> tuple[list, list]:
+def carve_validation(items: Sequence, fraction: float, seed: int = 0,
+                     pinned: frozenset[str] | set[str] = frozenset()) -> tuple[list, list]:
     """Split training items into (train, val) by group, about ``fraction`` of each class going to val.
 
     Groups (``item.group``; the video id where a dataset has none) are shuffled per class with ``seed`` and
     moved to validation until the class's share reaches ``fraction`` (so a class with two or more groups has at
     least one in validation, and always keeps one in training). A group whose clips carry several labels is placed with its most common label, so a group is
     never split whatever its labels.
+
+    ``pinned``: ids that must stay in training (videos a fine-tuned CNN was trained on, ``pipeline.provenance``);
+    their groups are never moved, and the shares are still taken of the whole class.
     """
     if fraction <= 0:
         return list(items), []
@@ -133,17 +137,22 @@ def carve_validation(items: Sequence, fraction: float, seed: int = 0) -> tuple[l
     for it in items:
         members[it.group or it.id].append(it)
     by_class: dict[int, list[str]] = defaultdict(list)
+    pinned_total: dict[int, int] = defaultdict(int)
     for g, its in members.items():
         labels = [it.label for it in its]
-        by_class[max(set(labels), key=lambda lab: (labels.count(lab), -lab))].append(g)
+        major = max(set(labels), key=lambda lab: (labels.count(lab), -lab))
+        if any(it.id in pinned for it in its):
+            pinned_total[major] += len(its)
+        else:
+            by_class[major].append(g)
     rng = np.random.default_rng(seed)
     val_groups: set[str] = set()
     for label in sorted(by_class):
         groups = sorted(by_class[label])
         rng.shuffle(groups)
-        total = sum(len(members[g]) for g in groups)
+        total = sum(len(members[g]) for g in groups) + pinned_total[label]
         target, taken = fraction * total, 0
-        for g in groups[:-1]:  # the last group always stays in training
+        for g in (groups if pinned_total[label] else groups[:-1]):  # one group always stays in training
             if taken >= target:
                 break
             val_groups.add(g)
@@ -165,6 +174,20 @@ def _check_finite(arr: np.ndarray, video_id: str, stream: str) -> None:
         bad = int(arr.size - np.isfinite(arr).sum())
         raise UserError(f"video {video_id}: its {stream} features hold {bad} non-finite values (NaN or Inf); "
                         "re-extract it or remove it from the store")
+
+
+FUSION_FOLD_SEED = 2015  # fixed: every run on a split holds out the same fusion fold, whatever its head and seed
+
+
+def carve_fusion_fold(items: Sequence, fraction: float,
+                      pinned: frozenset[str] | set[str] = frozenset()) -> tuple[list, list]:
+    """Split training items into (rest, fusion fold) by group, as ``carve_validation`` with a fixed seed.
+
+    Score fusion (Wu et al. 2015, Sec. 4.2.3: weights "estimated by cross-validation") needs videos that none of
+    the fused runs trained on or chose its epoch with; a fold carved first, with a seed of its own, is held out by
+    every run of the split, so any set of runs can be fused on it.
+    """
+    return carve_validation(items, fraction, FUSION_FOLD_SEED, pinned)
 
 
 def _n_stored(store, ids: Sequence[str]) -> list[int]:

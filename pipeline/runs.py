@@ -8,7 +8,8 @@ seed, store and manifest fingerprints), holds::
     metrics.json        accuracy, hit@1, hit@5, map, per_class_ap, per_class_accuracy (by class name), n_test,
                         confusion, val accuracy, best epoch, fit seconds, parameter count
     scores_val.npz      per-video class scores: ids, labels, scores [N, C] (raw: logits / decision values),
-    scores_test.npz     classes. The input of score fusion: weights are chosen on val, never on test.
+    scores_fusion.npz   classes, of validation, the fusion fold every run of the split holds out, and test.
+    scores_test.npz     The input of score fusion: weights are fitted on the fusion fold, never on val or test.
     train_log.jsonl     one JSON line per epoch
     learning_curve.png  train loss and val accuracy per epoch
     confusion.png       row-normalised test confusion matrix

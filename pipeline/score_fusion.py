@@ -3,16 +3,25 @@
 cross-validation").
 
 Each run gives a per-video score matrix ``[N, C]`` over the same videos and classes. The fused score is
-``sum_k w_k * norm(S_k)`` with ``w`` on the probability simplex. ``ScoreFusion.fit`` picks ``w`` from a grid
-over the simplex (step ``step``) by k-fold cross-validation on the *validation* scores (DESIGN.md: weights are
-never chosen on test scores): the grid point with the best held-out metric, averaged over the folds; ties go to
-the point closest to uniform weights. The weights can also be given by hand (``weights=``), and then ``fit``
-only learns the normalisation statistics.
+``sum_k w_k * norm_k(S_k)`` with ``w`` on the probability simplex. ``ScoreFusion.fit`` picks ``w`` from a grid
+over the simplex (step ``step``) by k-fold cross-validation on the scores it is given: the grid point with the
+best held-out metric, averaged over the folds; ties go to the point closest to uniform weights. The caller
+(``stages.fuse``) gives it the *fusion fold*, videos no fused run trained on or chose its epoch with: the
+validation scores of a torch head that stopped early on them are optimistic, an SVM's are not, and weights
+chosen on them favour the torch head. The weights can also be given by hand (``weights=``), and then ``fit``
+only learns the normalisation.
 
-Scores of different heads live on different scales (SVM margins, logits, log-probabilities), so each run is
-normalised first; ``"zscore"`` (default) uses the mean and standard deviation of that run's validation
-scores, ``"softmax"`` turns each row into probabilities, ``"none"`` leaves them alone. None of these changes a
-run's own ranking of classes, so a weight of 1 on one run reproduces that run's predictions.
+Scores of different heads live on different scales, so each run is normalised first, by a rule that can differ
+per run (``normalize`` is one name or one per run):
+
+- ``"log-softmax"``: log-probabilities of a head trained with cross-entropy (its scores are logits);
+- ``"temperature"``: ``log_softmax(S / T)`` with one temperature per run fitted by maximum likelihood on the fit
+  scores (multiclass Platt scaling; Guo et al. 2017, "On Calibration of Modern Neural Networks", Sec. 4.2):
+  turns SVM margins, whose scale is arbitrary, into log-probabilities comparable with a torch head's;
+- ``"zscore"``: minus the mean, over the standard deviation of the run's fit scores; ``"softmax"``:
+  probabilities; ``"none"``: unchanged.
+
+None of these changes a run's own ranking of classes, so a weight of 1 on one run reproduces its predictions.
 
 Pure array code (numpy + scikit-learn's fold splitter and AP); the ``twostream fuse`` command does the I/O.
 """
@@ -26,7 +35,29 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import KFold, StratifiedKFold
 
-__all__ = ["ScoreFusion", "fuse_scores", "score_metric", "simplex_grid"]
+__all__ = ["NORMALIZATIONS", "ScoreFusion", "fit_temperature", "fuse_scores", "log_softmax", "score_metric",
+           "simplex_grid"]
+
+NORMALIZATIONS = ("log-softmax", "temperature", "zscore", "softmax", "none")
+
+
+def log_softmax(s: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of [N, C] scores."""
+    z = s - s.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """The T > 0 that minimises the mean negative log-likelihood of ``log_softmax(scores / T)`` (one scalar)."""
+    from scipy.optimize import minimize_scalar
+
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(scores / np.exp(log_t))[rows, y].mean())
+
+    res = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
 
 
 def simplex_grid(k: int, step: float = 0.1) -> np.ndarray:
@@ -61,7 +92,7 @@ class ScoreFusion:
     """Weighted sum of normalised score matrices, weights by cross-validation over a simplex grid or by hand."""
 
     def __init__(self, weights: Sequence[float] | None = None, step: float = 0.1, cv: int = 5,
-                 metric: str = "accuracy", normalize: str = "zscore", random_state: int = 0):
+                 metric: str = "accuracy", normalize: str | Sequence[str] = "zscore", random_state: int = 0):
         self.weights = weights
         self.step = step
         self.cv = cv
@@ -75,27 +106,40 @@ class ScoreFusion:
             raise ValueError(f"need score matrices of one shape [N, C], got {[s.shape for s in scores]}")
         return scores
 
+    def _rules(self, k: int) -> list[str]:
+        rules = [self.normalize] * k if isinstance(self.normalize, str) else list(self.normalize)
+        if len(rules) != k:
+            raise ValueError(f"{len(rules)} normalisations for {k} runs")
+        bad = [r for r in rules if r not in NORMALIZATIONS]
+        if bad:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {bad[0]!r}")
+        return rules
+
     def _norm(self, scores: list[np.ndarray]) -> list[np.ndarray]:
-        if self.normalize == "none":
-            return scores
-        if self.normalize == "softmax":
-            out = []
-            for s in scores:
-                e = np.exp(s - s.max(1, keepdims=True))
-                out.append(e / e.sum(1, keepdims=True))
-            return out
-        if self.normalize == "zscore":
-            return [(s - m) / sd for s, (m, sd) in zip(scores, self.stats_)]
-        raise ValueError(f"normalize must be 'zscore', 'softmax' or 'none', got {self.normalize!r}")
+        out = []
+        for s, rule, (m, sd), t in zip(scores, self.normalize_, self.stats_, self.temperatures_):
+            if rule in ("log-softmax", "temperature"):
+                out.append(log_softmax(s / t))
+            elif rule == "softmax":
+                out.append(np.exp(log_softmax(s)))
+            elif rule == "zscore":
+                out.append((s - m) / sd)
+            else:
+                out.append(s)
+        return out
 
     def fit(self, scores: Sequence[np.ndarray], y) -> ScoreFusion:
-        """scores: K validation matrices [N, C]; y: [N] labels. Sets ``weights_`` (and ``cv_results_``)."""
+        """scores: K matrices [N, C] of held-out videos; y: [N] labels. Sets ``weights_`` (and ``cv_results_``),
+        ``normalize_`` (the rule per run) and ``temperatures_`` (1 except for "temperature")."""
         scores = self._check(scores)
         y = np.asarray(y)
         if y.shape != (scores[0].shape[0],):
             raise ValueError(f"y has shape {y.shape}, scores have {scores[0].shape[0]} rows")
         self.n_runs_ = len(scores)
+        self.normalize_ = self._rules(len(scores))
         self.stats_ = [(s.mean(), s.std() if s.std() > 0 else 1.0) for s in scores]
+        self.temperatures_ = [fit_temperature(s, y) if rule == "temperature" else 1.0
+                              for s, rule in zip(scores, self.normalize_)]
         normed = self._norm(scores)
         if self.weights is not None:
             w = np.asarray(self.weights, dtype=np.float64)

@@ -327,7 +327,7 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     from pipeline.datasets import load_manifest
     from pipeline.store import StoreLock
     from pipeline.video import choose_backend
-    from stages.finetune import check_checkpoints
+    from stages.finetune import check_checkpoints, checkpoint_provenance
 
     check_settings(cfg, opts)
     t_start = time.perf_counter()
@@ -348,6 +348,7 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     decoder = choose_backend(cfg.decoder, device)
     # Fine-tuned checkpoints: refuse one made for other flow settings or another backbone.
     check_checkpoints(cfg)
+    provenance = checkpoint_provenance(cfg)  # (store config entry, id lists): which videos fine-tuning saw
     out = Path(out)
     if not _probe_store(out, videos, opts, writer_name if opts.shard is not None else None):
         return Summary(skipped=len(videos), store=str(out), wall=time.perf_counter() - t_start)
@@ -355,7 +356,7 @@ def extract(dataset: str | Path, out: str | Path, cfg: ExtractConfig, opts: RunO
     # One plain writer per store on this machine, or distinct shards: a second one stops here, naming the first.
     lock = StoreLock(out, shard=writer_name if opts.shard is not None else None).acquire()
     try:
-        return _extract_locked(manifest, videos, writer_name, out, cfg, opts, t_start, device, decoder)
+        return _extract_locked(manifest, videos, writer_name, out, cfg, opts, t_start, device, decoder, provenance)
     except BaseException:
         if new and not (out / "store.json").exists():  # stopped before the store was created: leave no folder
             _remove_empty_store(out)
@@ -376,20 +377,27 @@ def _remove_empty_store(out: Path) -> None:
 
 
 def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig, opts: RunOptions, t_start: float,
-                    device: str, decoder: str) -> Summary:
+                    device: str, decoder: str, provenance: tuple) -> Summary:
     import torch
     from tqdm import tqdm
 
     from pipeline.store import FeatureStore, atomic_write_text, read_errors
     from stages.isolation import isolated_map
 
+    finetuned, seen_lists = provenance
     torch.manual_seed(0)
     streams = _build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)
+    if finetuned:  # which videos the CNNs were trained on; absent for ImageNet weights (older stores keep their hash)
+        config["finetuned"] = finetuned
     summary = Summary(store=str(out))
 
     with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
                              only_own=opts.shard is not None, exclusive=opts.shard is None) as writer:
+        if finetuned:  # the id lists behind the config's digests, for stage two's leak check
+            from pipeline.provenance import PROVENANCE_FILE
+
+            atomic_write_text(Path(out) / PROVENANCE_FILE, json.dumps(seen_lists, sort_keys=True))
         items = videos
         if opts.retry_failed:
             failed = {e["id"] for e in read_errors(out)}

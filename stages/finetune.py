@@ -28,7 +28,9 @@ Outputs in OUT, one set per stream (so ``ckpt/rgb.safetensors`` and ``ckpt/flow.
                           ``build_backbone`` makes, so ``twostream extract --rgb-checkpoint / --flow-checkpoint``
                           loads it as any weights file (and the store records its name and sha256). Metadata
                           ``"twostream"``: JSON of the config, backbone, classes, flow settings (method, every
-                          parameter, bound, L) and validation accuracy. The 1000-way ImageNet classifier of the
+                          parameter, bound, L), validation accuracy, and the dataset fingerprint, split and sorted
+                          ids of the videos it trained and validated on (``seen``: what stage two must not test on;
+                          ``checkpoint_provenance`` hands it to extraction). The 1000-way ImageNet classifier of the
                           start weights is carried over untouched; the dataset classifier is not a feature.
 ``<stream>.json``         the same record, readable, with the per-epoch history; ``"complete": true`` at the end.
 ``<stream>.epochs/epoch_NNNN.safetensors``  resume points: network with its dataset classifier, SGD momentum,
@@ -61,6 +63,7 @@ from torch import nn
 
 from pipeline.augment import TrainAugment, segment_starts
 from pipeline.errors import UserError
+from pipeline.provenance import seen_record
 
 __all__ = [
     "STREAM_DEFAULTS",
@@ -338,6 +341,15 @@ def _export(path: Path, model: FinetuneNet, record: dict) -> None:
     _atomic_bytes(path, save(tensors, metadata={"twostream": _json(record)}))
 
 
+def _add_seen(path: Path, record: dict) -> None:
+    """Rewrite a checkpoint's record with the split and the videos it was trained on; tensors unchanged."""
+    from safetensors.torch import load_file, save
+
+    old = read_checkpoint_record(path)
+    _atomic_bytes(path, save(load_file(str(path)),
+                             metadata={"twostream": _json({**old, "split": record["split"], "seen": record["seen"]})}))
+
+
 def _save_epoch(path: Path, model: FinetuneNet, opt, sched, state: dict) -> None:
     from safetensors.torch import save
 
@@ -421,6 +433,8 @@ def _identity(record: dict) -> str:
 
     rec = json.loads(_json(record))
     rec["config"].pop("epochs", None)
+    rec.pop("seen", None)  # follows from the config and the dataset; absent from runs begun before it was recorded
+    rec.pop("split", None)
     return config_hash(rec)
 
 
@@ -486,7 +500,9 @@ def finetune(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCo
               "start": {k: bb.spec[k] for k in ("weights", "weights_sha256", "cross_modality_init")},
               "input_size": size, "normalisation": {"mean": bb.spec["mean"], "std": bb.spec["std"]},
               "classes": manifest.classes, "dataset": manifest.fingerprint(), "n_train": len(train_items),
-              "n_val": len(val_items), "flow": flow, "package_version": __version__}
+              "n_val": len(val_items), "flow": flow, "package_version": __version__,
+              # the videos these weights have seen: stage two refuses to test on them (pipeline.provenance)
+              "split": cfg.split, "seen": seen_record([v.id for v in train_items], [v.id for v in val_items])}
     identity = _identity(record)
 
     augment = TrainAugment(size=size, mean=tuple(bb.spec["mean"]), std=tuple(bb.spec["std"]), modality=cfg.stream,
@@ -590,6 +606,8 @@ def finetune(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCo
                                                     "history": history}, indent=2, sort_keys=True, default=str))
     if not ckpt.is_file():  # a rerun of a finished run whose export was removed: the last epoch is the best we have
         _export(ckpt, model, {**record, "epoch": start, "val_accuracy": None})
+    elif "seen" not in (read_checkpoint_record(ckpt) or {"seen": True}):
+        _add_seen(ckpt, record)  # a checkpoint written before it recorded its videos: add them, weights untouched
     atomic_write_text(summary_path, json.dumps({**record, "best_epoch": best_epoch, "complete": True,
                                                 "best_val_accuracy": best_acc if val_items else None,
                                                 "history": history, "checkpoint": ckpt.name},
@@ -646,3 +664,29 @@ def check_checkpoints(cfg) -> None:
                 raise UserError(f"flow checkpoint {name} was trained on flow {describe_flow(have, want)}, but this "
                                 f"extraction computes {describe_flow(want, have)}; pass the checkpoint's --flow, "
                                 "--flow-param, --flow-bound and --flow-stack, or another checkpoint")
+
+
+def checkpoint_provenance(cfg) -> tuple[dict, dict]:
+    """What the store records of the fine-tuned CNNs of extraction config ``cfg`` (``pipeline.provenance``).
+
+    Returns ``(summary, lists)``: per fine-tuned stream, the summary that goes into the store's config
+    (checkpoint, split, dataset fingerprint, counts and digests of the videos it was trained and validated on)
+    and the id lists for ``STORE/finetune.json``. Streams with ImageNet (or foreign) weights are absent. The flow
+    CNN without ``--flow-checkpoint`` starts from the rgb weights (cross-modality init), so it inherits their record.
+    """
+    summary, lists = {}, {}
+    for stream in cfg.streams:
+        path = cfg.weights if stream == "rgb" else (cfg.flow_weights or cfg.weights)
+        rec = read_checkpoint_record(path) if path else None
+        if rec is None:
+            continue
+        name = os.path.basename(str(path))
+        if "seen" not in rec:
+            raise UserError(f"{stream} checkpoint {name} does not record the videos it was trained on (it predates "
+                            "that record); rerun the same `twostream finetune` into its --out to add it")
+        seen = rec["seen"]
+        summary[stream] = {"checkpoint": name, "split": rec["split"], "dataset": rec["dataset"],
+                           "n_train": len(seen["train"]), "n_val": len(seen["val"]),
+                           "train_sha256": seen["train_sha256"], "val_sha256": seen["val_sha256"]}
+        lists[stream] = {"train": seen["train"], "val": seen["val"]}
+    return summary, lists

@@ -1,12 +1,17 @@
-"""Score fusion of finished runs (issue 6 part 4; Wu et al. 2015 Section 4.2.3: "the prediction scores from these
-networks are fused linearly with weights estimated by cross-validation").
+"""Score fusion of finished runs (Wu et al. 2015 Section 4.2.3: "the prediction scores from these networks are
+fused linearly with weights estimated by cross-validation"; the late fusion of two-stream models).
 
-``fuse(job)`` reads the per-video scores of K finished runs (``scores_val.npz``, ``scores_test.npz``), checks that
-they score the same videos of the same split with the same classes, and combines them with
-``pipeline.score_fusion.ScoreFusion``: weights chosen by k-fold cross-validation on the *validation* scores (carved
-from the training split; the test scores are read only to apply the chosen weights), or given by hand. The result is
-a run directory like any other (``OUT/score-fusion-<hash12>/``: config.json, metrics.json, fused scores, the fusion
-weights, confusion matrix, COMPLETE), so it shows up in ``twostream report`` and can itself be fused again.
+``fuse(job)`` reads the per-video scores of K finished runs and checks that they score the same videos of the same
+split with the same classes, held out the same *fusion fold* (``stages.train``: carved by group from the training
+split with a fixed seed, so every run of a split shares it), and were not trained on features of CNNs fine-tuned on
+another split. It combines them with ``pipeline.score_fusion.ScoreFusion``: each run normalised by a rule for its
+kind (``"auto"``: log-softmax for torch heads, whose scores are logits; temperature scaling fitted on the fusion
+fold for SVM margins), weights chosen by k-fold cross-validation on ``scores_fusion.npz`` only. Validation scores
+are not used: torch heads chose their epoch on them (SVMs did not), so they flatter the torch heads; test scores
+are only combined with the chosen weights. The result is a run directory like any other
+(``OUT/score-fusion-<hash12>/``: config.json, metrics.json, fused scores of validation, fusion fold and test, the
+weights and normalisation, confusion matrix, COMPLETE), so it shows up in ``twostream report`` and can itself be
+fused again.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.metrics import classification_report
 from pipeline.runs import COMPLETE, RunDir
-from pipeline.score_fusion import ScoreFusion, score_metric
+from pipeline.score_fusion import NORMALIZATIONS, ScoreFusion, score_metric
 
 __all__ = ["FuseJob", "FusedRun", "fuse", "load_scores"]
 
-FUSE_FORMAT = 1  # bump when a fused run's content changes meaning
+FUSE_FORMAT = 2  # bump when a fused run's content changes meaning
 HEAD = "score-fusion"
 
 
@@ -36,9 +41,9 @@ HEAD = "score-fusion"
 class FuseJob:
     runs: tuple[str, ...]  # run directories, in the order the weights are given
     out: str = "runs"
-    weights: tuple[float, ...] | None = None  # None: by cross-validation on the validation scores
+    weights: tuple[float, ...] | None = None  # None: by cross-validation on the fusion fold's scores
     metric: str = "accuracy"  # what cross-validation maximises: "accuracy" (UCF101) or "map" (CCV)
-    normalize: str = "zscore"  # per-run score normalisation before the weighted sum (see pipeline.score_fusion)
+    normalize: str = "auto"  # per-run score normalisation: "auto" (by run kind) or one of score_fusion's rules
     step: float = 0.1  # grid step over the weight simplex
     cv: int = 5
     seed: int = 0  # fold assignment
@@ -109,9 +114,53 @@ def _read_run(path: str) -> dict:
     for name in ("scores_val.npz", "scores_test.npz"):
         if not (d / name).is_file():
             raise UserError(f"{d} has no {name}; only runs that saved per-video scores can be fused")
+    fusion = d / "scores_fusion.npz"
     return {"path": d, "config": _read_json(d / "config.json"),
             "metrics": _read_json(d / "metrics.json") if (d / "metrics.json").is_file() else {},
-            "val": load_scores(d / "scores_val.npz"), "test": load_scores(d / "scores_test.npz")}
+            "val": load_scores(d / "scores_val.npz"), "test": load_scores(d / "scores_test.npz"),
+            "fusion": load_scores(fusion) if fusion.is_file() else None}
+
+
+def run_kind(config: dict) -> str:
+    """"torch" for a head trained with cross-entropy (scores are logits), else "margins" (SVMs, fused runs)."""
+    import pipeline.baselines  # registers the kernel baselines
+    import pipeline.heads  # noqa: F401
+    from pipeline.registry import HEADS
+
+    head = config.get("head")
+    return "torch" if head in HEADS and HEADS.get(head).kind == "torch" else "margins"
+
+
+def normalisations(runs: list[dict], normalize: str) -> list[str]:
+    """The rule per run: "auto" picks log-softmax for torch heads and fitted temperature for margins."""
+    if normalize == "auto":
+        return ["log-softmax" if run_kind(r["config"]) == "torch" else "temperature" for r in runs]
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"--normalize must be auto or one of {', '.join(NORMALIZATIONS)}; got {normalize!r}")
+    return [normalize] * len(runs)
+
+
+def check_protocol(runs: list[dict], fitted: bool) -> None:
+    """Refuse runs that do not share one fusion fold (when anything is fitted), or whose features come from CNNs
+    fine-tuned on another split of the same dataset (their test videos were training videos of those CNNs)."""
+    for r in runs:
+        cfg = r["config"]
+        for stream, rec in (cfg.get("finetuned") or {}).items():
+            if rec.get("dataset") == cfg.get("manifest_fingerprint") and rec.get("split") != cfg.get("split"):
+                raise UserError(f"{r['path']}: stream {stream}'s CNN ({rec.get('checkpoint')}) was fine-tuned on "
+                                f"split {rec.get('split')} but the run tests on split {cfg.get('split')}; "
+                                "its test videos were training videos of that CNN")
+    if not fitted:
+        return
+    for r in runs:
+        if not (r["config"].get("fusion_fold") or {}).get("sha256") or r["fusion"] is None:
+            raise UserError(f"{r['path']} holds no fusion fold (trained before fusion folds, or with --fusion-fold 0)"
+                            "; retrain it, or give --weights by hand with --normalize log-softmax, softmax or none")
+    folds = {r["config"]["fusion_fold"]["sha256"] for r in runs}
+    if len(folds) > 1:
+        which = ", ".join(f"{r['path'].name}: {r['config']['fusion_fold']['sha256'][:12]}" for r in runs)
+        raise UserError(f"the runs held out different fusion folds ({which}); fuse runs of one split and store "
+                        "trained with the same --fusion-fold")
 
 
 def _align(runs: list[dict], part: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -157,20 +206,23 @@ def fuse(job: FuseJob, echo: Callable[[str], None] = print) -> FusedRun:
     manifests = {r["config"].get("manifest_fingerprint") for r in runs} - {None}
     if len(manifests) > 1:
         raise UserError("runs come from different datasets (manifest fingerprints differ); fuse runs of one dataset")
+    rules = normalisations(runs, job.normalize)
+    fitted = job.weights is None or any(r in ("temperature", "zscore") for r in rules)
+    check_protocol(runs, fitted)
     val, val_ids, y_val = _align(runs, "val")
     test, test_ids, y_test = _align(runs, "test")
+    have_fold = all(r["fusion"] is not None for r in runs)
+    fold, fold_ids, y_fold = _align(runs, "fusion") if have_fold else ([], np.array([], str), np.array([], int))
     classes = runs[0]["test"].classes
-    if job.weights is None and len(y_val) < 2:
-        raise UserError("the runs hold no validation scores to choose weights on (trained with val_fraction=0?); "
-                        "give --weights by hand")
-    if len(y_val) == 0 and job.normalize == "zscore":
-        raise UserError("zscore normalisation needs validation scores; use --normalize softmax or none")
+    if fitted and len(y_fold) < 2:
+        raise UserError("the runs' fusion fold holds fewer than 2 videos; retrain with a larger --fusion-fold")
 
     config = {
         "run_format": FUSE_FORMAT,
         "head": HEAD,
         "split": runs[0]["config"].get("split"),
         "inputs": [r["config"] for r in runs],
+        "fusion_fold": runs[0]["config"].get("fusion_fold") if have_fold else None,
         "fusion": {"weights": list(job.weights) if job.weights is not None else None, "metric": job.metric,
                    "normalize": job.normalize, "step": job.step, "cv": job.cv, "seed": job.seed},
     }
@@ -179,36 +231,42 @@ def fuse(job: FuseJob, echo: Callable[[str], None] = print) -> FusedRun:
         echo(f"cached: {run.path}")
         return FusedRun(run.path, run.read_json("metrics.json"), cached=True)
 
-    # -- weights on validation scores only; the test scores are only combined with them
+    # -- normalisation and weights on the fusion fold only; validation and test scores are only combined
     t0 = time.perf_counter()
     fusion = ScoreFusion(weights=job.weights, step=job.step, cv=job.cv, metric=job.metric,
-                         normalize=job.normalize, random_state=job.seed)
-    if len(y_val):
-        fusion.fit(val, y_val)
-    else:  # hand weights and no validation scores: nothing to learn (normalize is softmax or none)
-        fusion.fit(test, y_test)  # only checks shapes and normalises the given weights; stats_ are unused here
+                         normalize=rules, random_state=job.seed)
+    if fitted:
+        fusion.fit(fold, y_fold)
+    else:  # hand weights and a rule with nothing to learn: fit only checks shapes and normalises the weights
+        fusion.fit(test, y_test)
     fit_seconds = time.perf_counter() - t0
-    fused_val = fusion.decision_function(val) if len(y_val) else np.zeros((0, len(classes)), np.float32)
-    fused_test = fusion.decision_function(test)
 
+    def combined(mats, y):
+        return fusion.decision_function(mats) if len(y) else np.zeros((0, len(classes)), np.float32)
+
+    fused_val, fused_fold, fused_test = combined(val, y_val), combined(fold, y_fold), combined(test, y_test)
     metrics = classification_report(fused_test, y_test, classes)
     streams = sorted({s for r in runs for s in r["config"].get("streams", [])})
     metrics.update({
         "head": HEAD, "split": config["split"], "streams": streams,
         "inputs": [r["path"].name for r in runs],
         "weights": [float(w) for w in fusion.weights_],
-        "weights_by": "hand" if job.weights is not None else "cross-validation on validation scores",
+        "weights_by": "hand" if job.weights is not None else "cross-validation on the fusion fold",
+        "normalization": {r["path"].name: {"rule": rule, "temperature": t}
+                          for r, rule, t in zip(runs, fusion.normalize_, fusion.temperatures_)},
         "cv_score": getattr(fusion, "best_score_", None),
         "input_accuracy": {r["path"].name: score_metric(m, y_test, "accuracy") for r, m in zip(runs, test)},
-        "input_val_accuracy": ({r["path"].name: score_metric(m, y_val, "accuracy") for r, m in zip(runs, val)}
-                               if len(y_val) else None),
+        "input_fusion_accuracy": ({r["path"].name: score_metric(m, y_fold, "accuracy") for r, m in zip(runs, fold)}
+                                  if len(y_fold) else None),
         "val_accuracy": score_metric(fused_val, y_val, "accuracy") if len(y_val) else None,
-        "n_val": len(y_val), "fit_seconds": fit_seconds, "params": len(runs),
+        "n_val": len(y_val), "n_fusion": len(y_fold), "fit_seconds": fit_seconds, "params": len(runs),
     })
 
     run.start()
     run.write_sklearn_weights(fusion)  # weights_, normalisation statistics: weights.npz
     run.write_scores("scores_val.npz", val_ids, y_val, fused_val, classes)
+    if have_fold:
+        run.write_scores("scores_fusion.npz", fold_ids, y_fold, fused_fold, classes)
     run.write_scores("scores_test.npz", test_ids, y_test, fused_test, classes)
     run.write_json("metrics.json", metrics)
     run.plot_learning_curve([])

@@ -109,6 +109,8 @@ def collect_runs(root: str | Path) -> tuple[list[RunRecord], list[Path]]:
 
 def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
+        if "fraction" in obj and "sha256" in obj:  # a fusion fold: its videos follow from the split
+            return {"fraction": obj["fraction"]}
         return {k: _strip(v) for k, v in obj.items() if k not in _GROUP_DROP}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]

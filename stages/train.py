@@ -5,12 +5,15 @@
 1. resolve the head config and TrainConfig (paper defaults, then ``--set``), open the store and the manifest;
 2. hash the resolved config together with the store's and the manifest's fingerprints; a complete run
    directory of that name means the work is done ("cached") and nothing is loaded;
-3. join the split with the store, carve a validation split from train by group, load features;
+3. join the split with the store; carve the fusion fold (fixed seed, the same for every run of the split) and then
+   validation from train by group, never from videos a fine-tuned CNN of the store was trained on, and refuse a
+   split whose test videos such a CNN saw (``pipeline.provenance``); load features;
 4. fit (torch: early stopping on val accuracy, best epoch kept; sklearn: fit on train);
-5. only then read the test videos, score them, and write weights, metrics, scores, log and plots, and the
-   COMPLETE marker last.
+5. score validation and the fusion fold; only then read the test videos, score them, and write weights, metrics,
+   scores, log and plots, and the COMPLETE marker last.
 
-``train_splits`` runs several splits and writes their mean +- std.
+``train_splits`` runs several splits and writes their mean +- std; ``train_late_fusion`` trains one run per stream
+and fuses their scores (the papers' two-stream route); ``train`` itself concatenates the streams per frame.
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ from pipeline.backbones import view_record
 from pipeline.clips import expand_network
 from pipeline.datasets import load_manifest
 from pipeline.errors import UserError
-from pipeline.features import VideoFeatures, carve_validation, check_frames, iter_batches, join
+from pipeline.features import (
+    FUSION_FOLD_SEED,
+    VideoFeatures,
+    carve_fusion_fold,
+    carve_validation,
+    check_frames,
+    iter_batches,
+    join,
+)
 from pipeline.metrics import classification_report, hit_at_k
+from pipeline.provenance import check_split, ids_digest, seen_by_cnns
 from pipeline.registry import HEADS
 from pipeline.runs import RunDir, write_summary
 from pipeline.store import FeatureStore, file_sha256
@@ -45,9 +57,14 @@ from pipeline.training import (
     resolve_device,
 )
 
-__all__ = ["RunResult", "TrainJob", "default_streams", "train", "train_splits"]
+__all__ = ["EARLY_FUSION_NOTE", "RunResult", "SplitFolds", "TrainJob", "check_store_split", "default_streams",
+           "split_folds", "store_for_split", "train", "train_late_fusion", "train_splits"]
 
-RUN_FORMAT = 1  # bump when the run directory's content changes meaning, so old runs are not reused
+RUN_FORMAT = 2  # bump when the run directory's content changes meaning, so old runs are not reused
+FUSION_FOLD = 0.1  # share of each class's training videos every run holds out for score fusion
+EARLY_FUSION_NOTE = ("the streams' features are concatenated per frame into one input of this head (early fusion, "
+                     "unless the head splits them itself: two-stream, nn-lf, svm-lf, ...); the papers train one model "
+                     "per stream and fuse their scores: --late-fusion")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,7 @@ class TrainJob:
     allow_missing: bool = False
     split_dir: str | None = None
     init_from: str | None = None  # a finished run whose weights initialise this head (Ng et al. 3.3 expansion)
+    fusion_fold: float = FUSION_FOLD  # held out of training for score fusion (0: none; such runs cannot be fused)
 
 
 @dataclass
@@ -83,17 +101,83 @@ def _echo(msg: str) -> None:
     print(msg)
 
 
+def store_for_split(store: str, split: int) -> str:
+    """``STORE`` with ``{split}`` replaced: one store per split when each split has its own fine-tuned CNNs."""
+    return store.replace("{split}", str(split))
+
+
+@dataclass
+class SplitFolds:
+    train: list
+    val: list
+    fusion: list
+    test: list
+    fusion_record: dict | None  # what the run records of its fusion fold (None: no fold)
+    finetuned: dict  # per fine-tuned stream of the run: checkpoint, split, dataset
+
+
+def split_folds(job: TrainJob, store, manifest, streams: tuple[str, ...], val_fraction: float,
+                seed: int) -> SplitFolds:
+    """The split's videos in the store, as train / validation / fusion fold / test (DESIGN.md "Runs").
+
+    The fusion fold is carved first with a fixed seed (``carve_fusion_fold``), so it depends only on the split,
+    the store and ``job.fusion_fold``, never on the head or the seed; validation is then carved from the rest.
+    Videos a fine-tuned CNN of the store was trained on stay in training (``pinned``); a split whose test videos a
+    CNN saw is refused (``pipeline.provenance.check_split``).
+    """
+    if not 0 <= job.fusion_fold < 1:
+        raise UserError(f"--fusion-fold must be in [0, 1); got {job.fusion_fold}")
+    seen = seen_by_cnns(store)
+    train_items, test_items = manifest.split(job.split)
+    have = set(store.ids())
+    train_items = join(train_items, have, job.allow_missing, what=f"training list of split {job.split}")
+    test_items = join(test_items, have, job.allow_missing, what=f"test list of split {job.split}")
+    pinned = frozenset().union(*(r["train"] for r in seen.values()))
+    train_items, fusion_items = carve_fusion_fold(train_items, job.fusion_fold, pinned)
+    train_items, val_items = carve_validation(train_items, val_fraction, seed, pinned)
+    check_split(seen, streams, job.split, [it.id for it in test_items],
+                {"validation": [it.id for it in val_items], "fusion-fold": [it.id for it in fusion_items]})
+    if not train_items or not test_items:
+        raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
+    if job.fusion_fold > 0 and not fusion_items:
+        raise UserError(f"split {job.split} leaves no videos for the fusion fold (every training group is needed "
+                        "or was trained on by a fine-tuned CNN); fine-tune with a larger --val-fraction")
+    record = None
+    if job.fusion_fold > 0:
+        record = {"fraction": job.fusion_fold, "seed": FUSION_FOLD_SEED, "n": len(fusion_items),
+                  "sha256": ids_digest(it.id for it in fusion_items)}
+    finetuned = {s: {k: seen[s][k] for k in ("checkpoint", "split", "dataset")} for s in streams if s in seen}
+    return SplitFolds(train_items, val_items, fusion_items, test_items, record, finetuned)
+
+
+def check_store_split(job: TrainJob, open_store: Callable = FeatureStore.open,
+                      open_manifest: Callable = load_manifest) -> None:
+    """Refuse ``job`` before any training when a fine-tuned CNN of its store saw a test video of its split."""
+    store = open_store(store_for_split(job.store, job.split))
+    seen = seen_by_cnns(store)
+    if not seen:
+        return
+    _, test_items = open_manifest(job.dataset, job.split_dir).split(job.split)
+    streams = tuple(job.streams) if job.streams else default_streams(store.streams)
+    check_split(seen, streams, job.split, [it.id for it in test_items], {})
+
+
 def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
           open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
     """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
     entry = HEADS.get(job.head)
     head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
-    store = open_store(job.store)
+    store = open_store(store_for_split(job.store, job.split))
     manifest = open_manifest(job.dataset, job.split_dir)
     streams = tuple(job.streams) if job.streams else default_streams(store.streams)
     missing = [s for s in streams if s not in store.streams]
     if missing:
         raise UserError(f"the feature store has no stream {missing[0]!r}; it has: {', '.join(store.streams)}")
+
+    # -- data: the split joined with the store; the fusion fold, then validation, carved from train by group,
+    #    never from videos a fine-tuned CNN was trained on; a split whose test videos a CNN saw is refused
+    folds = split_folds(job, store, manifest, streams, cfg.val_fraction, cfg.seed)
+    train_items, val_items, fusion_items, test_items = folds.train, folds.val, folds.fusion, folds.test
 
     # -- the run's name: a hash of everything that decides its result
     config = {
@@ -106,10 +190,13 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         "store_fingerprint": store.fingerprint,
         "manifest_fingerprint": manifest.fingerprint(),
         "classes": manifest.classes,
+        "fusion_fold": folds.fusion_record,
     }
     if getattr(head_cfg, "finetune", "all") != "all" and not job.init_from:  # Karpathy et al. 4.2 transfer
         raise UserError(f"{job.head}: finetune={head_cfg.finetune} freezes the lower layers, which only a trained "
                         "source run can fill: give --init-from RUN")
+    if folds.finetuned:
+        config["finetuned"] = folds.finetuned
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
     run = RunDir(job.out, job.head, config)
@@ -120,17 +207,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         echo(f"cached: {run.path}")
         return RunResult(run.path, run.read_json("metrics.json"), cached=True)
 
-    # -- data: the split joined with the store; validation carved from train by group
     if store.classes and store.classes != manifest.classes:
         warnings.warn(f"the store was built with other class names than {job.dataset}; labels come from the dataset",
                       stacklevel=2)
-    train_items, test_items = manifest.split(job.split)
-    have = set(store.ids())
-    train_items = join(train_items, have, job.allow_missing, what=f"training list of split {job.split}")
-    test_items = join(test_items, have, job.allow_missing, what=f"test list of split {job.split}")
-    train_items, val_items = carve_validation(train_items, cfg.val_fraction, cfg.seed)
-    if not train_items or not test_items:
-        raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
 
     views = view_record(store.config, streams, getattr(head_cfg, "views", None))  # test-time views: how averaged
     lengths = store.lengths([it.id for it in train_items + val_items + test_items])
@@ -144,6 +223,8 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
 
     train_set, val_set = features(train_items), features(val_items)
     classes, device = manifest.classes, resolve_device(job.device)
+    if len(streams) > 1:
+        echo(EARLY_FUSION_NOTE)
     head = build_head(job.head, head_cfg, train_set.dim, len(classes), train_set.stream_dims, cfg.seed)
     if job.init_from:
         if entry.kind != "torch":
@@ -162,9 +243,11 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         fitted = fit(head, train_set, val_set, cfg, device, on_epoch=run.log, progress=progress)
         score = lambda data: predict(head, data, device, cfg.eval_batch_size)
     val_scores = score(val_set) if len(val_set) else np.zeros((0, len(classes)), np.float32)
+    del train_set
+    fusion_set = features(fusion_items)  # held out by every run of the split: score fusion's weights (stages.fuse)
+    fusion_scores = score(fusion_set) if len(fusion_set) else np.zeros((0, len(classes)), np.float32)
 
     # -- the test split is read only now, for the final evaluation
-    del train_set
     test_set = features(test_items)
     test_scores = score(test_set)
     metrics = classification_report(test_scores, test_set.labels, classes)
@@ -172,7 +255,8 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         metrics["clip"] = clip_report(head, test_set, device, cfg.eval_batch_size)
     metrics.update({
         "head": job.head, "split": job.split, "streams": list(streams),
-        "n_train": len(train_items), "n_val": len(val_items), "n_test": len(test_set),
+        "n_train": len(train_items), "n_val": len(val_items), "n_fusion": len(fusion_items), "n_test": len(test_set),
+        "stream_fusion": EARLY_FUSION_NOTE if len(streams) > 1 else None,
         "val_accuracy": fitted["best_val_accuracy"], "best_epoch": fitted["best_epoch"],
         "epochs_run": fitted["epochs_run"], "fit_seconds": fitted["fit_seconds"],
         "params": count_params(head), "device": str(device), "test_views": views,
@@ -185,6 +269,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     else:
         run.write_torch_weights(head, metadata={"head": job.head, "config_hash": run.hash})
     run.write_scores("scores_val.npz", val_set.ids, val_set.labels, val_scores, classes)
+    run.write_scores("scores_fusion.npz", fusion_set.ids, fusion_set.labels, fusion_scores, classes)
     run.write_scores("scores_test.npz", test_set.ids, test_set.labels, test_scores, classes)
     run.write_json("metrics.json", metrics)
     run.plot_learning_curve(fitted["history"])
@@ -230,12 +315,35 @@ def _expand_from(run_dir: str, head, echo) -> None:
     echo(f"initialised {copied} of {len(report)} tensors from {run_dir}")
 
 
-def train_splits(job: TrainJob, splits: list[int], progress: bool = True,
-                 echo: Callable[[str], None] = _echo) -> tuple[list[RunResult], Path, dict]:
-    """One run per split, then ``OUT/<head>-splits-<hash12>.json|.md`` with mean +- std over them."""
-    results = [train(dataclasses.replace(job, split=s), progress=progress, echo=echo) for s in splits]
-    path, summary = write_summary(job.out, job.head, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
+def train_late_fusion(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo) -> RunResult:
+    """The papers' two-stream route: one run per stream, then their scores fused on the fusion fold.
+
+    Simonyan and Zisserman, Ng et al. (Sec. 4) and Karpathy et al. train a model per stream and combine their class
+    scores; Wu et al.'s NN-LF / SVM-LF (Sec. 4.1.3) are the same late fusion. ``stages.fuse`` fits the weights on the
+    fusion fold that both runs held out. Returns the fused run.
+    """
+    from stages.fuse import FuseJob, fuse
+
+    streams = job.streams
+    if not streams:
+        streams = default_streams(FeatureStore.open(store_for_split(job.store, job.split)).streams)
+    if len(streams) < 2:
+        raise UserError(f"--late-fusion trains one run per stream and fuses them: give two or more streams "
+                        f"(got {','.join(streams)})")
+    runs = [train(dataclasses.replace(job, streams=(s,)), progress=progress, echo=echo) for s in streams]
+    fused = fuse(FuseJob(runs=tuple(str(r.path) for r in runs), out=job.out), echo=echo)
+    return RunResult(fused.path, fused.metrics, fused.cached)
+
+
+def train_splits(job: TrainJob, splits: list[int], progress: bool = True, echo: Callable[[str], None] = _echo,
+                 late_fusion: bool = False) -> tuple[list[RunResult], Path, dict]:
+    """One run per split (late fusion: one fused run per split), then ``OUT/<head>-splits-<hash12>.json|.md`` with
+    mean +- std over them. ``job.store`` may name one store per split with ``{split}``."""
+    one = train_late_fusion if late_fusion else train
+    results = [one(dataclasses.replace(job, split=s), progress=progress, echo=echo) for s in splits]
+    name = f"{job.head}-late-fusion" if late_fusion else job.head
+    path, summary = write_summary(job.out, name, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
     a = summary["accuracy"]
-    echo(f"{job.head} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f} +- {100 * a['std']:.2f}"
+    echo(f"{name} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f} +- {100 * a['std']:.2f}"
          f"  ({path})")
     return results, path, summary

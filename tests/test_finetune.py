@@ -266,6 +266,81 @@ def test_extract_refuses_flow_checkpoint_with_other_flow_settings(flow_run, smal
     check_checkpoints(ExtractConfig(streams=("flow",), flow_weights=str(tmp_path / "other.pth")))
 
 
+def test_checkpoint_records_its_videos_and_stage_two_refuses_the_other_splits(flow_run, small, tmp_path, run_cli):
+    """A real fine-tuning run on split 1 records the videos it trained and validated on; a store extracted with it
+    carries that record; `train` on split 2 (whose test group the CNN trained on) is refused in one line, split 1
+    trains, and holds out for validation and the fusion fold only videos the CNN did not train on."""
+    from pipeline.datasets import load_manifest
+    from pipeline.provenance import PROVENANCE_FILE
+    from pipeline.store import FeatureStore
+
+    ckpt = flow_run[0] / "flow.safetensors"
+    rec = read_checkpoint_record(ckpt)
+    manifest = load_manifest(small)
+    train_ids, test_ids = ({v.id for v in part} for part in manifest.split(1))
+    seen_train, seen_val = set(rec["seen"]["train"]), set(rec["seen"]["val"])
+    assert rec["split"] == 1 and rec["dataset"] == manifest.fingerprint()
+    assert seen_train | seen_val == train_ids and not seen_train & seen_val and seen_val
+    assert not (seen_train | seen_val) & test_ids  # its own split's test videos were never read
+    store = tmp_path / "store"
+    code, text = run_cli("extract", small, "--out", store, "--streams", "flow", "--flow-checkpoint", ckpt,
+                         "--flow", "farneback", "--flow-bound", "5", "--flow-stack", L, "--frames", 2, "--quiet",
+                         "--workers", 0)
+    assert code == 0, text
+    ft = FeatureStore.open(store).config["finetuned"]["flow"]
+    assert ft["split"] == 1 and ft["checkpoint"] == "flow.safetensors" and ft["n_train"] == len(seen_train)
+    lists = json.loads((store / PROVENANCE_FILE).read_text())
+    assert set(lists["flow"]["train"]) == seen_train
+    runs = tmp_path / "runs"
+    common = ["--dataset", small, "--head", "temporal-pool", "--set", "epochs=1", "--out", runs, "--quiet"]
+    code, text = run_cli("train", store, "--split", 2, *common)
+    lines = text.strip().splitlines()
+    assert code == 2 and len(lines) == 1, text
+    n_test = len(manifest.split(2)[1])
+    assert (f"stream flow's CNN (flow.safetensors) was fine-tuned on split 1 and saw {n_test} of the {n_test} test "
+            "videos of split 2") in lines[0]
+    assert not runs.exists()
+    code, text = run_cli("train", store, "--split", 1, *common)
+    assert code == 0, text
+    (run,) = runs.iterdir()
+    for part in ("val", "fusion"):
+        with np.load(run / f"scores_{part}.npz", allow_pickle=False) as z:
+            assert not set(z["ids"].tolist()) & seen_train, part
+    with np.load(run / "scores_fusion.npz", allow_pickle=False) as z:
+        assert len(z["ids"]) > 0
+
+
+def test_checkpoint_without_its_videos_is_refused_by_extraction_and_completed_by_a_rerun(flow_run, small,
+                                                                                           small_cache, tmp_path):
+    """A checkpoint written before checkpoints recorded their videos cannot be checked: extraction refuses it; the
+    same `finetune` rerun into its folder adds the record and leaves the weights as they were."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.finetune import checkpoint_provenance
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(flow_run[0], out)
+    ckpt = out / "flow.safetensors"
+    rec = read_checkpoint_record(ckpt)
+    old = {k: v for k, v in rec.items() if k not in ("seen", "split")}
+    tensors = load_file(str(ckpt))
+    save_file(tensors, str(ckpt), metadata={"twostream": json.dumps(old)})
+    cfg = ExtractConfig(streams=("flow",), flow_weights=str(ckpt), flow_method="farneback", flow_bound=5.0,
+                        flow_stack=L)
+    with pytest.raises(UserError, match="does not record the videos it was trained on"):
+        checkpoint_provenance(cfg)
+    finetune(small, out, FinetuneConfig(stream="flow", epochs=1, batch_size=4, input_size=32, flow_stack=L,
+                                        flip=False, val_fraction=0.3),
+             FinetuneOptions(flow_cache=str(small_cache), progress=False), log=lambda m: None)
+    assert read_checkpoint_record(ckpt)["seen"] == rec["seen"]
+    again = load_file(str(ckpt))
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+    summary, lists = checkpoint_provenance(cfg)
+    assert summary["flow"]["split"] == 1 and lists["flow"]["train"] == rec["seen"]["train"]
+
+
 def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path):
     """kill -9 after epoch 1, resume: the epoch-3 weights equal those of a run that was never interrupted."""
     args = ["--stream", "rgb", "--backbone", "timm:resnet10t", "--weights", "random", "--batch-size", "2",

@@ -274,14 +274,14 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
     res = st.train(job, progress=False, echo=lambda m: None)
     assert not res.cached and res.path.name.startswith("test-mean-linear-")
     files = {p.name for p in res.path.iterdir()}
-    assert files == {"config.json", "weights.safetensors", "metrics.json", "scores_val.npz", "scores_test.npz",
-                     "train_log.jsonl", "learning_curve.png", "confusion.png", COMPLETE}
+    assert files == {"config.json", "weights.safetensors", "metrics.json", "scores_val.npz", "scores_fusion.npz",
+                     "scores_test.npz", "train_log.jsonl", "learning_curve.png", "confusion.png", COMPLETE}
     m = json.loads((res.path / "metrics.json").read_text())
     for key in ("accuracy", "hit@1", "hit@5", "map", "per_class_ap", "per_class_accuracy", "n_test", "fit_seconds",
                 "params"):
         assert key in m
     assert set(m["per_class_ap"]) == set(CLASSES) and m["n_test"] == 3 * 2 * 2 and m["params"] == (RGB + FLOW) * 3 + 3
-    assert m["n_train"] + m["n_val"] == 3 * 5 * 2 and m["n_val"] > 0
+    assert m["n_train"] + m["n_val"] + m["n_fusion"] == 3 * 5 * 2 and m["n_val"] > 0 and m["n_fusion"] > 0
     log = [json.loads(line) for line in (res.path / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     test_npz = np.load(res.path / "scores_test.npz", allow_pickle=False)
@@ -330,7 +330,7 @@ def test_stage_missing_videos(tmp_path):
         st.train(job, progress=False, echo=lambda m: None)
     with pytest.warns(UserWarning, match="skipped"):
         res = st.train(dataclasses.replace(job, allow_missing=True), progress=False, echo=lambda m: None)
-    assert res.metrics["n_train"] + res.metrics["n_val"] == 5
+    assert res.metrics["n_train"] + res.metrics["n_val"] + res.metrics["n_fusion"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -60,8 +60,8 @@ class FuseJob:
             problem = f"--cv {self.cv}: cross-validation needs at least 2 folds"
         elif self.metric not in ("accuracy", "map"):
             problem = f"metric {self.metric!r}: choose accuracy or map"
-        elif self.normalize not in ("zscore", "softmax", "none"):
-            problem = f"normalize {self.normalize!r}: choose zscore, softmax or none"
+        elif self.normalize != "auto" and self.normalize not in NORMALIZATIONS:
+            problem = f"normalize {self.normalize!r}: choose auto, {', '.join(NORMALIZATIONS)}"
         if problem:
             raise UserError(problem)
 

@@ -390,11 +390,11 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
     from stages.train import check_store_split
 
     jobs = list(jobs)
-    for out in sorted({job.out for job in jobs}):
-        ensure_writable(out)  # before any worker starts: a folder that cannot take runs is one clear error
     checker = FeatureCache(0.0)  # a split whose test videos a fine-tuned CNN of the store saw: refused before any run
     for job in {(j.store, j.dataset, j.split_dir, j.split, j.streams): j for j in jobs}.values():
         check_store_split(job, open_store=checker.open_store, open_manifest=checker.load_manifest)
+    for out in sorted({job.out for job in jobs}):
+        ensure_writable(out)  # before any worker starts: a folder that cannot take runs is one clear error
     outcomes: list[SweepOutcome | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc="sweep", unit="run", disable=not progress)
     counts = {"trained": 0, "cached": 0, "failed": 0}

@@ -212,7 +212,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
                       stacklevel=2)
 
     views = view_record(store.config, streams, getattr(head_cfg, "views", None))  # test-time views: how averaged
-    lengths = store.lengths([it.id for it in train_items + val_items + test_items])
+    lengths = store.lengths([it.id for it in train_items + val_items + fusion_items + test_items])
     notes = check_frames(store.config.get("sampling"), cfg.frames, lengths, job.head, head_cfg)
     for note in notes:
         echo(f"warning: {note}")

@@ -163,7 +163,7 @@ def test_late_fusion_is_one_command_and_early_fusion_says_so(tmp_path, run_cli):
     code, text = run_cli("train", store, "--dataset", root, "--head", "temporal-pool", "--streams", "rgb,flow",
                          "--set", "epochs=3", "--late-fusion", "--out", tmp_path / "runs", "--quiet")
     assert code == 0, text
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))  # not the run locks
     assert [r.split("-")[0] for r in runs] == ["score", "temporal", "temporal"], runs
     fused = tmp_path / "runs" / runs[0]
     m = json.loads((fused / "metrics.json").read_text())
@@ -176,7 +176,7 @@ def test_late_fusion_is_one_command_and_early_fusion_says_so(tmp_path, run_cli):
     code, text = run_cli("train", store, "--dataset", root, "--head", "temporal-pool", "--streams", "rgb,flow",
                          "--set", "epochs=1", "--out", tmp_path / "early", "--quiet")
     assert code == 0 and "early fusion" in text and "--late-fusion" in text
-    (early,) = (tmp_path / "early").iterdir()
+    (early,) = [p for p in (tmp_path / "early").iterdir() if not p.name.startswith(".")]
     assert "--late-fusion" in json.loads((early / "metrics.json").read_text())["stream_fusion"]
     code, text = run_cli("heads", "temporal-pool")
     assert code == 0 and "--late-fusion" in text

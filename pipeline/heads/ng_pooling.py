@@ -55,7 +55,7 @@ __all__ = [
     "window_max",
 ]
 
-# Section 3.3: Downpour SGD, learning rate 1e-5, momentum 0.9, weight decay 0.0005; Section 1 / 4.1: 1 fps,
+# recipe=paper (Ng et al. 2015, Section 3.3): Downpour SGD, learning rate 1e-5, momentum 0.9, weight decay 0.0005; Section 1 / 4.1: 1 fps,
 # 30-frame models (expanded to 120 frames, see pipeline.clips.expand_network).
 NG_TRAIN_DEFAULTS: dict = {"optimizer": "sgd", "lr": 1e-5, "momentum": 0.9, "weight_decay": 5e-4, "frames": 30}
 

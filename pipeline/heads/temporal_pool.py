@@ -99,7 +99,7 @@ class TemporalPoolConfig:
     fc: int = 0  # width of the linear layer before pooling (0: none; the paper's FC-512)
     bn_out: bool = True  # BN on the concatenated segment vector
     dropout: float = 0.0
-    # Sec. 3.4.1 trains the TS-LSTM family with Adam 5e-5; epochs and batch size from the authors' RNN code
+    # recipe=paper: Ma et al. 2017, Sec. 3.4.1 trains the TS-LSTM family with Adam 5e-5; epochs and batch size from the authors' RNN code
     # (maxEpoch 100, batchSize 64); 25 equally spaced frames (Sec. 3.4.1 "Testing").
     train_defaults: ClassVar[dict] = {"optimizer": "adam", "lr": 5e-5, "weight_decay": 0.0, "epochs": 100,
                                       "batch_size": 64, "frames": 25}

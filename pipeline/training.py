@@ -72,8 +72,9 @@ class TrainConfig:
     step_size: int = 20
     gamma: float = 0.1  # "divided by 10 when the accuracy is saturated" (Ma et al. Section 3.3)
     eval_every: int = 0  # validate every this many optimiser steps; 0 = at the end of each epoch
-    monitor: str = "accuracy"  # validation metric for the best checkpoint and early stopping: "accuracy" | "loss"
-    smoothing: float = 0.0  # exponential moving average of the monitored metric over evaluations (0 = raw)
+    monitor: str = "accuracy"  # best checkpoint and early stopping: "accuracy" (the first on ties), "accuracy-loss"
+    #                            (ties broken by the loss) or "loss"
+    smoothing: float = 0.0  # exponential moving average of the validation metrics over evaluations (0 = raw)
     patience: int = 10  # stop after this many epochs without a better monitored value; 0 = off
     patience_steps: int = 0  # stop after this many optimiser steps (after warm-up) without one; 0 = off
     val_fraction: float = 0.1  # share of each class's training groups held out for validation
@@ -89,7 +90,7 @@ class TrainConfig:
             "recipe": self.recipe in RECIPES,
             "optimizer": self.optimizer in ("adam", "adamw", "sgd"),
             "schedule": self.schedule in SCHEDULES,
-            "monitor": self.monitor in ("accuracy", "loss"),
+            "monitor": self.monitor in ("accuracy", "accuracy-loss", "loss"),
             "lr": finite(self.lr) and self.lr > 0,
             "weight_decay": finite(self.weight_decay) and self.weight_decay >= 0,
             "momentum": finite(self.momentum) and 0 <= self.momentum < 1,
@@ -123,7 +124,7 @@ CONVERGE: dict = {
     "schedule": "warmup-cosine",
     "warmup_steps": 50,
     "eval_every": 10,
-    "monitor": "loss",
+    "monitor": "accuracy-loss",
     "smoothing": 0.5,
     "patience": 0,
     "patience_steps": 200,
@@ -301,9 +302,10 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
 
     The budget is ``max(min_steps, epochs x steps per epoch)`` optimiser steps over shuffled training batches
     (``head.loss``, an optimiser step, then ``head.after_step(lr)`` for heads with proximal updates). Validation
-    runs every ``eval_every`` steps (0: after each epoch); the monitored metric (``monitor``, smoothed by an
-    exponential moving average) chooses the best checkpoint, which is restored at the end, and stops training
-    after ``patience`` epochs or ``patience_steps`` steps (counted after warm-up) without a better value. With no
+    runs every ``eval_every`` steps (0: after each epoch); the monitored metric (``monitor``: validation accuracy,
+    the same with ties broken by the validation loss, or the loss alone; smoothed by an exponential moving average) chooses
+    the best checkpoint among those after warm-up, which is restored at the end, and stops training after
+    ``patience`` epochs or ``patience_steps`` steps (counted after warm-up) without a better value. With no
     validation set the last weights are kept and early stopping is off. A non-finite loss or validation score
     raises ``TrainingDiverged`` at once.
     """
@@ -320,7 +322,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
     per_step_sched = cfg.schedule == "warmup-cosine"
     has_val = val is not None and len(val) > 0
     history: list[dict] = []
-    best = {"value": -math.inf, "step": 0, "epoch": 0, "val_accuracy": None, "state": None}
+    best = {"value": (-math.inf,), "step": 0, "epoch": 0, "val_accuracy": None, "state": None}
     smoothed = None
     loss_track = LossTracker()
     t0 = time.perf_counter()
@@ -342,10 +344,12 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
             if not np.isfinite(scores).all():
                 raise _diverged("non-finite validation scores", step, cfg)
             row["val_loss"], row["val_accuracy"] = _val_stats(scores, val.labels)
-            value = row["val_accuracy"] if cfg.monitor == "accuracy" else -row["val_loss"]
+            value = np.array([row["val_accuracy"], -row["val_loss"]])  # higher is better for both
             smoothed = value if smoothed is None else cfg.smoothing * smoothed + (1 - cfg.smoothing) * value
-            if smoothed > best["value"]:
-                best.update(value=smoothed, step=step, epoch=epoch_float, val_accuracy=row["val_accuracy"],
+            key = {"accuracy": (smoothed[0],), "accuracy-loss": (smoothed[0], smoothed[1]),
+                   "loss": (smoothed[1],)}[cfg.monitor]
+            if step >= cfg.warmup_steps and key > best["value"]:
+                best.update(value=key, step=step, epoch=epoch_float, val_accuracy=row["val_accuracy"],
                             state=copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()}))
             if cfg.patience and epoch_float - best["epoch"] >= cfg.patience:
                 stop = True

@@ -63,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
     epochs: int = 50
-    min_steps: int = 0  # the budget is max(min_steps, epochs x steps per epoch) optimiser steps
+    min_steps: int = 0  # the budget is max(min_steps, epochs x steps per epoch) optimiser steps (epochs=0: none)
     batch_size: int = 64  # Ma et al. Section 3.3 use batches of 64
     frames: int = 25  # fixed T, equally spaced (Ma et al.); 0 = every stored frame, padded and masked
     schedule: str = "none"  # "none" | "step" (x gamma every step_size epochs) | "cosine" | "plateau" (x gamma on a
@@ -167,6 +167,8 @@ def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, *
     recipe = parsed.pop("recipe", "converge")
     train = recipe_values(entry.config_cls, recipe, entry.kind)
     train.update(train_kw)
+    if "epochs" in parsed and "min_steps" not in parsed:
+        train["min_steps"] = 0  # `--set epochs=N` asks for N epochs: the recipe's step minimum gives way
     train.update(parsed)
     cfg = TrainConfig(**train)
     check = getattr(head_cfg, "check_train", None)
@@ -316,7 +318,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order
     head.to(device)
     per_epoch = max(steps_per_epoch(len(train), cfg.batch_size), 1)
-    total = max(cfg.min_steps, cfg.epochs * per_epoch) if cfg.epochs or cfg.min_steps else 0
+    total = max(cfg.min_steps, cfg.epochs * per_epoch) if cfg.epochs else 0  # epochs=0: evaluate as is
     opt = make_optimizer(head, cfg)
     sched = make_scheduler(opt, cfg, total)
     per_step_sched = cfg.schedule == "warmup-cosine"

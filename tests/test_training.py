@@ -424,6 +424,8 @@ def test_recipes_converge_by_default_paper_on_request_and_set_keys_win():
     _, paper = resolve_configs("test-mean-linear", {"recipe": "paper"})
     assert (paper.recipe, paper.optimizer, paper.lr, paper.epochs, paper.batch_size) == ("paper", "adam", 0.05, 30, 8)
     assert paper.min_steps == 0 and paper.schedule == "none"  # exactly the head's paper settings
+    _, short = resolve_configs("test-mean-linear", {"epochs": "2"})
+    assert short.recipe == "converge" and short.epochs == 2 and short.min_steps == 0  # N epochs, as asked
     _, mixed = resolve_configs("test-mean-linear", {"recipe": "paper", "lr": "0.2"})
     assert mixed.recipe == "paper" and mixed.lr == 0.2 and mixed.optimizer == "adam"
     _, sk = resolve_configs("test-centroid", {"recipe": "paper"})

@@ -1,11 +1,22 @@
 """Stage-two training: one readable loop over cached features (nanoGPT / torchvision references style).
 
 ``resolve_configs`` turns a head name plus ``--set key=value`` overrides into (head config, ``TrainConfig``):
-TrainConfig defaults, then the head's ``train_defaults`` (the paper's optimiser settings, e.g. Ma et al.
-Section 3.3: Adam with lr 5e-5 for TS-LSTM, lr 1e-4 and weight decay 1e-1 for the Temporal-ConvNets), then
-the user's overrides. ``fit`` trains a torch head with early stopping on validation accuracy and keeps the
-best epoch's weights; ``fit_sklearn`` fits a kernel baseline on video-level features. ``predict`` gives the
-per-video class scores that metrics and score fusion consume.
+TrainConfig defaults, then a named recipe (``--set recipe=...``), then ``seed``, then the user's overrides:
+
+- ``recipe=paper``: the head's ``train_defaults``, its paper's settings (e.g. Ma et al. Section 3.4.1: Adam with
+  lr 5e-5 for TS-LSTM, lr 1e-4 and weight decay 1e-1 for the Temporal-ConvNets), counted in epochs.
+- ``recipe=converge`` (the default): one rule for every torch head, for heads trained from scratch on frozen
+  features, so that heads are compared at what they can reach rather than by their papers' optimisers
+  (``CONVERGE``): AdamW (Loshchilov and Hutter 2019) at 1e-3, linear warm-up then cosine decay per step, a budget
+  of ``max(min_steps, epochs x steps per epoch)`` optimiser steps, validation every ``eval_every`` steps, early
+  stopping after ``patience_steps`` steps without a better smoothed validation accuracy (ties: loss), the best
+  checkpoint restored. The head keeps its own ``frames`` and weight decay (``HEAD_OWN_KEYS``), and its
+  ``converge_defaults`` where its algorithm needs another optimiser (plain SGD for Wu et al.'s proximal updates).
+
+``fit`` trains a torch head; a non-finite loss or validation score raises ``TrainingDiverged`` (a ``UserError``),
+and a run whose training loss never falls clearly below its start is flagged "did not learn". ``find_lr`` is the
+learning-rate range test (Smith 2017). ``fit_sklearn`` fits a kernel baseline on video-level features (recipes do
+not apply). ``predict`` gives the per-video class scores that metrics and score fusion consume.
 
 Determinism: the head is built and trained after ``torch.manual_seed(seed)``, batches are shuffled by a
 generator seeded with ``seed``, and nothing else draws random numbers, so on CPU the same config gives

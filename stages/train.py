@@ -289,6 +289,8 @@ def _expand_from(run_dir: str, head, echo) -> None:
 def train_splits(job: TrainJob, splits: list[int], progress: bool = True,
                  echo: Callable[[str], None] = _echo) -> tuple[list[RunResult], Path, dict]:
     """One run per split, then ``OUT/<head>-splits-<hash12>.json|.md`` with mean +- std over them."""
+    if job.find_lr == "plot":
+        raise UserError("--find-lr trains nothing, so it runs on one --split; --find-lr=apply works with --splits")
     results = [train(dataclasses.replace(job, split=s), progress=progress, echo=echo) for s in splits]
     path, summary = write_summary(job.out, job.head, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
     a = summary["accuracy"]

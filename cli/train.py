@@ -100,4 +100,5 @@ def heads(pattern):
             click.echo("    train (recipe=converge, the default): "
                        + ", ".join(f"{k}={v!r}" for k, v in conv.items() if k != "recipe"))
     base = TrainConfig()
-    click.echo("\ntrain keys (every head): " + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS))
+    click.echo("\ntrain keys (every head; a recipe sets some, the rest keep these values): "
+               + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS if k != "recipe"))

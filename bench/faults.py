@@ -40,10 +40,9 @@ class Catalogue:
         if case is None:
             return
         case["seconds"] += report.duration
-        if report.when == "call" or report.outcome != "passed":
-            # a failure in setup/teardown counts, as does a skip (the case was not tried)
-            if case["outcome"] in ("not run", "passed"):
-                case["outcome"] = report.outcome
+        # a failure in setup/teardown counts, as does a skip (the case was not tried)
+        if (report.when == "call" or report.outcome != "passed") and case["outcome"] in ("not run", "passed"):
+            case["outcome"] = report.outcome
 
 
 def main(argv: list[str] | None = None) -> int:

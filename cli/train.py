@@ -84,9 +84,12 @@ def _parse_list(text: str | None, what: str, cast=str) -> list | None:
 @click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Finished run whose weights initialise this head (network expansion, Ng et al. 3.3).")
+@click.option("--find-lr", type=click.Choice(["plot", "apply"]), is_flag=False, flag_value="plot", default=None,
+              help="Learning-rate range test (Smith): write lr_find.png/.json to the run directory and print the "
+                   "suggested lr; --find-lr=apply then trains with it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(store, dataset, split_dir, split, splits, head, streams, late_fusion, fusion_fold, sets, out, seed, device,
-          allow_missing, init_from, quiet):
+          allow_missing, init_from, find_lr, quiet):
     """Train HEAD on the features in STORE for a split of DATASET; writes OUT/<head>-<hash>/.
 
     With several streams one head sees their features concatenated per frame (early fusion); --late-fusion
@@ -102,7 +105,8 @@ def train(store, dataset, split_dir, split, splits, head, streams, late_fusion, 
     job = TrainJob(store=store, dataset=dataset, head=head, split=split,
                    streams=tuple(_parse_list(streams, "--streams")) if streams else None,
                    overrides=_parse_sets(sets), out=out, seed=seed, device=device,
-                   allow_missing=allow_missing, split_dir=split_dir, init_from=init_from, fusion_fold=fusion_fold)
+                   allow_missing=allow_missing, split_dir=split_dir, init_from=init_from, fusion_fold=fusion_fold,
+                   find_lr=find_lr)
     if splits:
         train_splits(job, _parse_list(splits, "--splits", int), progress=not quiet, echo=click.echo,
                      late_fusion=late_fusion)
@@ -118,7 +122,7 @@ def heads(pattern):
     """List registered heads (matching PATTERN) with their config keys, defaults and training defaults."""
     import pipeline.heads  # noqa: F401  (registers every head)
     from pipeline.registry import HEADS, config_fields
-    from pipeline.training import TRAIN_KEYS, TrainConfig
+    from pipeline.training import TRAIN_KEYS, TrainConfig, recipe_values
 
     names = HEADS.names(pattern)
     if not names:
@@ -131,9 +135,14 @@ def heads(pattern):
             click.echo(f"    {key} = {default!r}")
         td = getattr(entry.config_cls, "train_defaults", None)
         if td:
-            click.echo("    train: " + ", ".join(f"{k}={v!r}" for k, v in td.items()))
+            click.echo("    train (recipe=paper): " + ", ".join(f"{k}={v!r}" for k, v in td.items()))
+        if entry.kind == "torch":
+            conv = recipe_values(entry.config_cls, "converge")
+            click.echo("    train (recipe=converge, the default): "
+                       + ", ".join(f"{k}={v!r}" for k, v in conv.items() if k != "recipe"))
     base = TrainConfig()
-    click.echo("\ntrain keys (every head): " + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS))
+    click.echo("\ntrain keys (every head; a recipe sets some, the rest keep these values): "
+               + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS if k != "recipe"))
     click.echo("\nstreams: `train --streams rgb,flow` concatenates the streams per frame for one head (early "
                "fusion, the default);\nthe papers' route is one model per stream with their scores fused: "
                "`twostream train STORE --dataset D --head H --streams rgb,flow --late-fusion`.")

@@ -22,7 +22,9 @@ weights are shared by all classes, so ``||w_m||^2`` sums over the binary problem
 chosen here: C = 1 (LIBSVM's default) and gamma = 1 / mean training chi-square distance per stream.
 
 ``__init__`` only assigns; ``fit`` validates and sets attributes ending in ``_``; ``decision_function``
-returns ``[N, n_classes]`` with columns in the order of ``classes_``.
+returns ``[N, n_classes]`` with columns in the order of ``classes_``. The training recipes of the torch heads
+(``recipe=paper`` / ``converge``: optimiser, schedule, step budget) do not apply: an SVM is solved to its optimum
+in one ``fit``, and ``recipe`` is only recorded in the run's config.
 """
 
 from __future__ import annotations

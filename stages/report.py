@@ -172,6 +172,7 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
         fit = [float(r.metrics["fit_seconds"]) for r in row.runs if r.metrics.get("fit_seconds") is not None]
         row.stats["fit_seconds"] = float(np.mean(fit)) if fit else float("nan")
         row.stats["params"] = row.runs[0].metrics.get("params")
+        row.settings += ", did not learn" * any(r.metrics.get("did_not_learn") for r in row.runs)
     out.sort(key=lambda row: (-np.nan_to_num(row.stats["accuracy_mean"], nan=-1.0), row.head, row.settings))
     return out
 

@@ -8,9 +8,13 @@
 3. join the split with the store; carve the fusion fold (fixed seed, the same for every run of the split) and then
    validation from train by group, never from videos a fine-tuned CNN of the store was trained on, and refuse a
    split whose test videos such a CNN saw (``pipeline.provenance``); load features;
-4. fit (torch: early stopping on val accuracy, best epoch kept; sklearn: fit on train);
-5. score validation and the fusion fold; only then read the test videos, score them, and write weights, metrics,
-   scores, log and plots, and the COMPLETE marker last.
+4. fit (torch: the recipe's step budget and early stopping, best checkpoint kept, a non-finite loss or score stops
+   the run with an error and nothing marked complete; sklearn: fit on train); ``--find-lr`` first runs the
+   learning-rate range test into the run directory (``lr_find.json`` / ``.png``) and, with ``apply``, trains at
+   its suggested rate;
+5. score validation and the fusion fold; only then read the test videos, score them, and write weights, metrics
+   (with the recipe, why training stopped and a "did not learn" warning when the training loss never fell clearly
+   below its start), scores, log and plots, and the COMPLETE marker last.
 
 ``train_splits`` runs several splits and writes their mean +- std; ``train_late_fusion`` trains one run per stream
 and fuses their scores (the papers' two-stream route); ``train`` itself concatenates the streams per frame.
@@ -47,8 +51,10 @@ from pipeline.registry import HEADS
 from pipeline.runs import RunDir, write_summary
 from pipeline.store import FeatureStore, file_sha256
 from pipeline.training import (
+    TrainingDiverged,
     build_head,
     count_params,
+    find_lr,
     fit,
     fit_sklearn,
     predict,
@@ -82,6 +88,7 @@ class TrainJob:
     split_dir: str | None = None
     init_from: str | None = None  # a finished run whose weights initialise this head (Ng et al. 3.3 expansion)
     fusion_fold: float = FUSION_FOLD  # held out of training for score fusion (0: none; such runs cannot be fused)
+    find_lr: str | None = None  # "plot": learning-rate range test only; "apply": then train with its suggested lr
 
 
 @dataclass
@@ -234,8 +241,30 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
          f"{len(train_set)} train / {len(val_set)} val / {len(test_items)} test videos, "
          f"{'in memory' if train_set.in_memory else 'streamed'}, {device}")
 
+    if job.find_lr:
+        if entry.kind != "torch":
+            raise UserError(f"--find-lr needs a torch head; {job.head} is {entry.kind}")
+        lr_find = find_lr(head, train_set, cfg, device)
+        echo(f"learning-rate range test: lowest smoothed loss at lr {lr_find['lowest_at_lr']:.3g} "
+             f"({lr_find['steps']} steps, stopped: {lr_find['stopped']}); suggested lr {lr_find['suggested_lr']:.3g}")
+        if job.find_lr == "apply":
+            cfg = dataclasses.replace(cfg, lr=float(f"{lr_find['suggested_lr']:.3g}"))
+            config["train"] = dataclasses.asdict(cfg)
+            config["lr_from"] = "find-lr"
+            run = RunDir(job.out, job.head, config)
+            if run.complete:
+                echo(f"cached: {run.path}")
+                return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+        run.start()
+        write_lr_find(run.path, lr_find)
+        echo(f"{run.path / 'lr_find.png'}")
+        if job.find_lr != "apply":
+            return RunResult(run.path, {"lr_find": {k: lr_find[k] for k in ("suggested_lr", "lowest_at_lr",
+                                                                              "stopped", "steps")}}, cached=False)
+    else:
+        run.start()
+
     # -- fit
-    run.start()
     if entry.kind == "sklearn":
         fitted = fit_sklearn(head, train_set, val_set)
         score = lambda data: predict_sklearn(head, data, len(classes))
@@ -243,13 +272,16 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         fitted = fit(head, train_set, val_set, cfg, device, on_epoch=run.log, progress=progress)
         score = lambda data: predict(head, data, device, cfg.eval_batch_size)
     val_scores = score(val_set) if len(val_set) else np.zeros((0, len(classes)), np.float32)
+    _check_finite(val_scores, "validation", cfg)
     del train_set
     fusion_set = features(fusion_items)  # held out by every run of the split: score fusion's weights (stages.fuse)
     fusion_scores = score(fusion_set) if len(fusion_set) else np.zeros((0, len(classes)), np.float32)
+    _check_finite(fusion_scores, "fusion-fold", cfg)
 
     # -- the test split is read only now, for the final evaluation
     test_set = features(test_items)
     test_scores = score(test_set)
+    _check_finite(test_scores, "test", cfg)
     metrics = classification_report(test_scores, test_set.labels, classes)
     if hasattr(head, "clip_logits"):  # Karpathy Table 1 / Ng Table 1: clip and video Hit@k side by side
         metrics["clip"] = clip_report(head, test_set, device, cfg.eval_batch_size)
@@ -261,7 +293,14 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         "epochs_run": fitted["epochs_run"], "fit_seconds": fitted["fit_seconds"],
         "params": count_params(head), "device": str(device), "test_views": views,
     })
-    metrics.setdefault("warnings", []).extend(notes)  # departures from the papers' protocols, stated
+    metrics["warnings"] = list(notes)  # departures from the papers' protocols, stated
+    if entry.kind == "torch":
+        metrics.update({k: fitted[k] for k in ("stop_reason", "steps_run", "budget_steps", "best_step", "start_loss",
+                                                "lowest_loss", "did_not_learn")})
+        metrics["warnings"] += fitted["warnings"]  # training that did not learn or was cut short
+        metrics["recipe"] = cfg.recipe
+        for w in fitted["warnings"]:
+            warnings.warn(f"{run.name}: {w}", stacklevel=2)
 
     # -- write the run; COMPLETE last
     if entry.kind == "sklearn":
@@ -276,8 +315,41 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
     echo(f"{run.path}: accuracy {100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  "
-         f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']})")
+         f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']}"
+         + (f", {metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else "")
+         + ")")
     return RunResult(run.path, metrics, cached=False)
+
+
+def _check_finite(scores: np.ndarray, what: str, cfg) -> None:
+    """Non-finite scores are divergence, never a result: stop before anything is marked complete."""
+    if not np.isfinite(scores).all():
+        raise TrainingDiverged(f"training diverged: non-finite {what} scores (lr={cfg.lr:g}, {cfg.optimizer}); "
+                               f"lower lr, or pick one with --find-lr")
+
+
+def write_lr_find(path: Path, result: dict) -> None:
+    """``lr_find.json`` (the sweep) and ``lr_find.png`` (loss against learning rate, log scale) in a run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.runs import write_json
+
+    write_json(path / "lr_find.json", result)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["lr"], result["loss"], color="tab:blue", alpha=0.3, label="loss")
+    ax.plot(result["lr"], result["smoothed"], color="tab:blue", label="smoothed loss")
+    ax.axvline(result["suggested_lr"], color="tab:red", ls="--", label=f"suggested lr {result['suggested_lr']:.2g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
+           title=f"learning-rate range test ({result['stopped']})")
+    lo, hi = min(result["smoothed"]), max(result["smoothed"][0], min(result["smoothed"]) * 1.5)
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.5 * (hi - lo + 1e-9))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path / "lr_find.png", dpi=100)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -339,6 +411,8 @@ def train_splits(job: TrainJob, splits: list[int], progress: bool = True, echo: 
                  late_fusion: bool = False) -> tuple[list[RunResult], Path, dict]:
     """One run per split (late fusion: one fused run per split), then ``OUT/<head>-splits-<hash12>.json|.md`` with
     mean +- std over them. ``job.store`` may name one store per split with ``{split}``."""
+    if job.find_lr == "plot":
+        raise UserError("--find-lr trains nothing, so it runs on one --split; --find-lr=apply works with --splits")
     one = train_late_fusion if late_fusion else train
     results = [one(dataclasses.replace(job, split=s), progress=progress, echo=echo) for s in splits]
     name = f"{job.head}-late-fusion" if late_fusion else job.head

@@ -193,7 +193,7 @@ def test_resolve_configs_layers_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"hidden": "3"}, r"unknown key 'hidden'.*head keys: dropout.*train keys: optimizer, lr"),
+    ({"hidden": "3"}, r"unknown key 'hidden'.*head keys: dropout.*train keys: recipe, optimizer, lr"),
     ({"lr": "fast"}, r"cannot read 'fast' as float"),
     ({"optimizer": "rmsprop"}, r"invalid train setting optimizer"),
     ({"train.dropout": "1"}, r"no train key 'dropout'"),
@@ -213,7 +213,7 @@ def test_config_hash_is_stable_and_sensitive():
 
 
 def _fit_once(store, train_ids, train_y, val_ids, val_y, **over):
-    head_cfg, cfg = resolve_configs("test-mean-linear", {"epochs": 6, **over})
+    head_cfg, cfg = resolve_configs("test-mean-linear", {"recipe": "paper", "epochs": 6, **over})
     tr = VideoFeatures(store, train_ids, train_y, ("rgb",), frames=cfg.frames)
     va = VideoFeatures(store, val_ids, val_y, ("rgb",), frames=cfg.frames)
     head = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, cfg.seed)
@@ -270,7 +270,7 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
 
     root, store_path = dataset
     job = st.TrainJob(store=str(store_path), dataset=str(root), head="test-mean-linear", streams=("rgb", "flow"),
-                      overrides=(("epochs", "3"),), out=str(tmp_path / "runs"))
+                      overrides=(("recipe", "paper"), ("epochs", "3")), out=str(tmp_path / "runs"))
     res = st.train(job, progress=False, echo=lambda m: None)
     assert not res.cached and res.path.name.startswith("test-mean-linear-")
     files = {p.name for p in res.path.iterdir()}
@@ -345,7 +345,7 @@ def test_cli_end_to_end_splits_cached_and_errors(dataset, tmp_path):
         (root / "splits" / f"{kind}list02.txt").write_text((root / "splits" / f"{kind}list01.txt").read_text())
     out = tmp_path / "runs"
     args = ["train", str(store_path), "--dataset", str(root), "--head", "test-mean-linear", "--streams", "rgb",
-            "--set", "epochs=2", "--out", str(out), "--quiet"]
+            "--set", "recipe=paper", "--set", "epochs=2", "--out", str(out), "--quiet"]
     r = CliRunner().invoke(cli, args + ["--splits", "1,2"], standalone_mode=False, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     runs = sorted(p for p in out.iterdir() if p.is_dir())
@@ -375,14 +375,14 @@ def test_cli_user_error_is_one_line(dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize("head", ["ts-lstm", "temporal-inception"])
 def test_stage_runs_the_paper_heads(dataset, tmp_path, head):
-    """The default head of `make train` and the Temporal-ConvNet go through the whole stage (one epoch)."""
+    """The default head of `make train` and the Temporal-ConvNet go through the whole stage (paper recipe, one epoch)."""
     from safetensors.torch import load_file
 
     import pipeline.heads  # noqa: F401
     import stages.train as st
 
     root, store_path = dataset
-    job = st.TrainJob(store=str(store_path), dataset=str(root), head=head, overrides=(("epochs", "1"),),
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head=head, overrides=(("recipe", "paper"), ("epochs", "1")),
                       out=str(tmp_path / "runs"))
     res = st.train(job, progress=False, echo=lambda m: None)
     cfg = json.loads((res.path / "config.json").read_text())
@@ -412,3 +412,167 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RegistryError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("key, value", [("lr", "inf"), ("lr", "nan"), ("lr", "0"), ("lr", "-1e-3"), ("momentum", "1"),
+                                        ("weight_decay", "inf"), ("patience", "-1"), ("patience_steps", "-5"),
+                                        ("warmup_steps", "-1"), ("min_steps", "-1"), ("epochs", "-1"),
+                                        ("smoothing", "1"), ("gamma", "0"), ("recipe", "fast")])
+def test_train_settings_out_of_range_are_refused(key, value):
+    with pytest.raises(RegistryError, match=f"{key}"):
+        resolve_configs("test-mean-linear", {key: value})
+
+
+def test_recipes_converge_by_default_paper_on_request_and_set_keys_win():
+    from pipeline.training import CONVERGE
+
+    _, conv = resolve_configs("test-mean-linear")
+    assert conv.recipe == "converge" and conv.optimizer == "adamw" and conv.schedule == "warmup-cosine"
+    assert conv.lr == CONVERGE["lr"] and conv.min_steps > 0 and conv.patience_steps > 0 and conv.monitor == "accuracy-loss"
+    assert conv.frames == 0  # the head's own input setting survives the recipe
+    _, paper = resolve_configs("test-mean-linear", {"recipe": "paper"})
+    assert (paper.recipe, paper.optimizer, paper.lr, paper.epochs, paper.batch_size) == ("paper", "adam", 0.05, 30, 8)
+    assert paper.min_steps == 0 and paper.schedule == "none"  # exactly the head's paper settings
+    _, short = resolve_configs("test-mean-linear", {"epochs": "2"})
+    assert short.recipe == "converge" and short.epochs == 2 and short.min_steps == 0  # N epochs, as asked
+    _, mixed = resolve_configs("test-mean-linear", {"recipe": "paper", "lr": "0.2"})
+    assert mixed.recipe == "paper" and mixed.lr == 0.2 and mixed.optimizer == "adam"
+    _, sk = resolve_configs("test-centroid", {"recipe": "paper"})
+    assert sk.recipe == "paper"  # sklearn heads: recorded, nothing else to train
+
+
+def test_warmup_cosine_known_values():
+    from pipeline.training import warmup_cosine
+
+    assert warmup_cosine(0, 9, 100) == pytest.approx(0.1) and warmup_cosine(8, 9, 100) == pytest.approx(0.9)
+    assert warmup_cosine(9, 9, 100) == pytest.approx(1.0)
+    assert warmup_cosine(9 + 91 // 2, 9, 100) == pytest.approx(0.5, abs=0.02) and warmup_cosine(100, 9, 100) == 0
+
+
+def test_converge_budget_is_counted_in_steps_and_best_checkpoint_restored(dataset):
+    store, train, test = _split_ids(dataset)
+    tr = VideoFeatures(store, [i.id for i in train], [i.label for i in train], ("rgb",), frames=0)
+    va = VideoFeatures(store, [i.id for i in test], [i.label for i in test], ("rgb",), frames=0)
+    head_cfg, cfg = resolve_configs("test-mean-linear", {"min_steps": "60", "epochs": "1", "patience_steps": "0", "lr": "0.05",
+                                                         "warmup_steps": "5", "eval_every": "3"})
+    head = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, 0)
+    out = fit(head, tr, va, cfg, torch.device("cpu"), progress=False)
+    # 30 training videos at batch 32: one step an epoch, so 60 steps are 60 epochs (epochs=1 alone would be 1 step).
+    assert out["steps_run"] == out["budget_steps"] == 60 and out["stop_reason"] == "budget"
+    assert [r["step"] for r in out["history"]] == list(range(3, 61, 3))
+    lrs = [r["lr"] for r in out["history"]]
+    assert lrs[0] < lrs[1] and lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] == pytest.approx(0.0)
+    restored = predict(head, va, torch.device("cpu"))
+    row = next(r for r in out["history"] if r["step"] == out["best_step"])
+    assert float(torch.nn.functional.cross_entropy(torch.from_numpy(restored), torch.tensor(va.labels))) == \
+        pytest.approx(row["val_loss"], rel=1e-5)
+    assert out["best_step"] >= 5 and not out["did_not_learn"]  # checkpoints from warm-up are not candidates and out["warnings"] == []
+    # Patience in steps: stop once the smoothed validation loss has not improved for patience_steps after warm-up.
+    head2 = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, 0)
+    cfg2 = dataclasses.replace(cfg, min_steps=2000, patience_steps=20, lr=0.5)
+    out2 = fit(head2, tr, va, cfg2, torch.device("cpu"), progress=False)
+    assert out2["stop_reason"] == "patience" and out2["steps_run"] < 2000
+    assert out2["steps_run"] - max(out2["best_step"], 5) >= 20 > out2["steps_run"] - max(out2["best_step"], 5) - 3
+
+
+def test_huge_lr_is_divergence_not_a_result(dataset, tmp_path, capsys):
+    """Huge learning rate: one-line error, exit 2, no complete run."""
+    from cli.main import main
+
+    root, store_path = dataset
+    out = tmp_path / "runs"
+    for lr in ("1e38", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", str(store_path), "--dataset", str(root), "--head", "test-mean-linear", "--streams", "rgb",
+                  "--set", "recipe=paper", "--set", "optimizer=sgd", "--set", f"lr={lr}", "--out", str(out), "--quiet"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+        assert ("diverged" in err) if lr == "1e38" else ("invalid train setting lr=inf" in err), err
+    assert not list(out.glob(f"*/{COMPLETE}"))
+
+
+def test_a_run_that_does_not_learn_says_so_in_metrics_and_leaderboard(dataset, tmp_path):
+    import stages.train as st
+    from stages.report import collect_runs, leaderboard
+
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="test-mean-linear", streams=("rgb",),
+                      overrides=(("lr", "1e-7"), ("min_steps", "40")), out=str(tmp_path / "runs"))
+    with pytest.warns(UserWarning, match="did not learn"):
+        stuck = st.train(job, progress=False, echo=lambda m: None)
+    assert stuck.metrics["did_not_learn"] and "did not learn" in stuck.metrics["warnings"][0]
+    assert stuck.metrics["recipe"] == "converge" and stuck.metrics["stop_reason"] in ("budget", "patience")
+    learned = st.train(dataclasses.replace(job, overrides=(("lr", "0.05"), ("min_steps", "40"))), progress=False,
+                       echo=lambda m: None)
+    assert not learned.metrics["did_not_learn"] and learned.metrics["warnings"] == []
+    assert learned.metrics["lowest_loss"] < 0.5 * learned.metrics["start_loss"]
+    rows = {row.settings: row for row in leaderboard(collect_runs(tmp_path / "runs")[0])}
+    assert any("did not learn" in s for s in rows) and any("did not learn" not in s for s in rows), list(rows)
+
+
+class _Tensors:
+    """The two things ``iter_batches`` needs of a dataset: its length and a batch of given indices."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.labels = x, y, y.numpy()
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, index):
+        index = list(index)
+        return self.x[index], None, self.y[index]
+
+
+class _LeastSquares(Head):
+    """0.5 * mean (x w - t)^2: gradient descent on it diverges exactly above lr = 2 / lambda_max(X^T X / N)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, mask=None):
+        return (x[:, 0] @ self.w)[:, None]
+
+    def loss(self, x, mask, y):
+        return 0.5 * (self(x, mask)[:, 0] - y).pow(2).mean()
+
+
+def test_find_lr_suggests_a_rate_below_the_known_divergence_point():
+    from pipeline.training import TrainConfig, find_lr
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, generator=g) * torch.linspace(0.5, 3.0, 8)  # Hessian eigenvalues ~0.25 .. 9
+    y = x[:, 0] @ torch.randn(8, generator=g)
+    lam_max = float(torch.linalg.eigvalsh(x[:, 0].T @ x[:, 0] / len(y)).max())
+    head = _LeastSquares(8)
+    cfg = TrainConfig(optimizer="sgd", momentum=0.0, batch_size=256)
+    out = find_lr(head, _Tensors(x, y), cfg, torch.device("cpu"), lr_min=1e-5, lr_max=10.0, steps=200)
+    assert out["stopped"] in ("diverged", "non-finite loss") and out["lr"][-1] > 2 / lam_max
+    assert 2 / lam_max / 30 < out["suggested_lr"] < 2 / lam_max / 2, (out["suggested_lr"], 2 / lam_max)
+    assert torch.count_nonzero(head.w) == 0  # the weights are restored
+
+
+def test_cli_find_lr_writes_plot_and_applies_the_rate(dataset, tmp_path):
+    from cli.main import cli
+
+    root, store_path = dataset
+    out = tmp_path / "runs"
+    base = ["train", str(store_path), "--dataset", str(root), "--head", "test-mean-linear", "--streams", "rgb",
+            "--set", "min_steps=30", "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(cli, base + ["--find-lr"], standalone_mode=False, catch_exceptions=False)
+    assert r.exit_code == 0 and "suggested lr" in r.output, r.output
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    found = json.loads((run / "lr_find.json").read_text())
+    assert (run / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (run / COMPLETE).exists()
+    assert 1e-5 < found["suggested_lr"] < 1.0 and len(found["lr"]) == len(found["smoothed"]) > 10
+    r = CliRunner().invoke(cli, base + ["--find-lr=apply"], standalone_mode=False, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (done,) = [p for p in out.iterdir() if (p / COMPLETE).is_file()]
+    cfg = json.loads((done / "config.json").read_text())
+    assert cfg["train"]["lr"] == pytest.approx(found["suggested_lr"], rel=1e-2) and cfg["lr_from"] == "find-lr"
+    assert (done / "lr_find.png").is_file()

@@ -355,3 +355,41 @@ def test_score_fusion_picks_the_informative_run_over_noise():
     # Weights by hand, normalised to sum 1.
     hand = ScoreFusion(weights=[2, 2], normalize="none").fit([val_good, other], y)
     np.testing.assert_allclose(hand.decision_function([val_good, other]), (val_good + other) / 2)
+
+
+# --- the real trainer and the proximal step (Algorithm 1) -----------------------------------------------
+
+
+def test_trainer_applies_the_prox_rows_of_the_fusion_layer_become_exactly_zero(tmp_path):
+    """Through stages.train (fit, default recipe): a strong l21 weight zeroes every row of W^E, none without it."""
+    from safetensors.torch import load_file
+
+    from stages.train import TrainJob, train
+    from tests.synthetic import write_ucf_store
+
+    root, store = write_ucf_store(tmp_path, ["A", "B", "C"], groups=6, T=4, dims=(6, 4))
+    zero = {}
+    for lam2 in ("0", "50"):
+        job = TrainJob(store=str(store), dataset=str(root), head="fusion-net", out=str(tmp_path / "runs"),
+                       overrides=(("hidden", "8"), ("fusion", "12"), ("lambda2", lam2), ("lambda3", "0"),
+                                  ("min_steps", "30"), ("patience_steps", "0")))
+        res = train(job, progress=False, echo=lambda m: None)
+        assert res.metrics["recipe"] == "converge"
+        w = load_file(str(res.path / "weights.safetensors"))["fusion.weight"]  # [fusion, hidden * streams]
+        zero[lam2] = zero_rows(w)
+    assert zero == {"0": 0, "50": 12}, zero
+
+
+@pytest.mark.parametrize("sets", [{"optimizer": "adamw"}, {"optimizer": "adam"}, {"momentum": "0.9"},
+                                  {"weight_decay": "1e-4"}])
+def test_fusion_net_refuses_optimisers_under_which_the_prox_is_not_a_proximal_step(sets):
+    from pipeline.errors import UserError
+    from pipeline.training import resolve_configs
+
+    with pytest.raises(UserError, match="proximal updates.*plain SGD"):
+        resolve_configs("fusion-net", sets)
+    resolve_configs("fusion-net", {**sets, "lambda2": "0", "lambda3": "0"})  # no prox: any optimiser is fine
+    _, cfg = resolve_configs("fusion-net")
+    assert (cfg.recipe, cfg.optimizer, cfg.momentum, cfg.weight_decay) == ("converge", "sgd", 0.0, 0.0)
+    _, paper = resolve_configs("fusion-net", {"recipe": "paper"})
+    assert (paper.optimizer, paper.lr, paper.momentum) == ("sgd", 0.7, 0.0)

@@ -7,8 +7,10 @@ that keeps streams apart splits ``x`` with ``torch.split(x, stream_dims, dim=-1)
 
 Builders registered in ``pipeline.registry.HEADS`` have the signature
 ``build(cfg, input_dim: int, num_classes: int, stream_dims: tuple[int, ...]) -> Head``.
-A config dataclass may carry ``train_defaults: ClassVar[dict]`` with the paper's optimiser settings
-(keys of ``pipeline.training.TrainConfig``: optimizer, lr, weight_decay, momentum, epochs, batch_size, frames).
+A config dataclass may carry ``train_defaults: ClassVar[dict]`` with the paper's optimiser settings (the
+``recipe=paper`` of ``pipeline.training``; keys of ``TrainConfig``: optimizer, lr, weight_decay, momentum, epochs,
+batch_size, frames) and, only where the paper's algorithm needs it, ``converge_defaults`` that the shared default
+``recipe=converge`` applies on top of its own values (e.g. plain SGD for proximal updates).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ class DeepLSTMConfig:
     dropout: float = 0.0  # between LSTM layers; the paper does not use any here
     aggregate: str = "weighted"  # last | max | sum | weighted; "weighted predictions usually resulted in the best"
     gain: str = "linear"  # linear | uniform | last (Sec. 3.3: linear learned faster and better)
-    # Sec. 3.3: same SGD as the max-pooling models (momentum 0.9, weight decay 0.0005) with learning rate
+    # recipe=paper (Ng et al. 2015, Sec. 3.3): same SGD as the max-pooling models (momentum 0.9, weight decay 0.0005) with learning rate
     # N x 1e-5 for N frames; N = 30 frames at 1 fps.
     frame_rate: ClassVar[tuple] = (1.0, 6.0, 30.0)  # Sec. 4: Sports-1M at 1 fps, UCF-101 at 6 / 30 fps (Table 6)
     train_defaults: ClassVar[dict] = {

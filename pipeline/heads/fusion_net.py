@@ -23,6 +23,15 @@ would diverge); Phi(W) = ||W||_F^2 / 2 over weights, not biases; each stream's p
 RMS (``normalize``) so that sigmoid units do not saturate on raw FC activations; Glorot initialisation with
 the sigmoid gain of 4. The loss is not the trainer's cross-entropy: ``loss`` is overridden, and lambda1 lives in
 it, so the trainer must use weight_decay 0 (as ``train_defaults`` says).
+
+Training recipes. ``recipe=paper`` is Section 4.1.2's plain gradient descent at lr 0.7. The fusion layer's update
+(Algorithm 1, line 7: a gradient step on the smooth part, then the proximal operator of Eq. 4 with the same step
+size) is a proximal-gradient step only when the gradient step is plain SGD: with momentum, Adam's per-coordinate
+scaling or decoupled weight decay the prox would be taken with the wrong step and the iterates would no longer
+minimise Eq. 3. So the default ``recipe=converge`` keeps plain SGD (momentum 0, weight decay 0, the paper's lr 0.7)
+for all three networks, with the shared schedule, step budget and early stopping of every head, and a regularized
+fusion network refuses another optimiser in one line (``FusionNetConfig.check_train``). ``nn-ef`` / ``nn-lf`` use the
+same SGD so that Table 2's comparison differs only in the architecture.
 """
 
 from __future__ import annotations
@@ -34,16 +43,19 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.heads.base import Head, masked_mean
 from pipeline.prox import prox_fusion_layer
 from pipeline.registry import HEADS
 
 __all__ = ["EarlyFusionNet", "FusionMLPConfig", "FusionNet", "FusionNetConfig", "LateFusionNet"]
 
-# Section 4.1.2 gives lr 0.7 and lambda1 3e-5. Plain gradient steps (Eq. 5: W <- W - eta G), so no momentum.
-# The paper gives neither batch size nor epochs: 100 videos a batch and 100 epochs are our choice.
+# recipe=paper: Section 4.1.2 gives lr 0.7 and lambda1 3e-5. Plain gradient steps (Eq. 5: W <- W - eta G), so no
+# momentum. The paper gives neither batch size nor epochs: 100 videos a batch and 100 epochs are our choice.
 _TRAIN_DEFAULTS = {"optimizer": "sgd", "lr": 0.7, "weight_decay": 0.0, "momentum": 0.0, "epochs": 100,
                    "batch_size": 100}
+# recipe=converge: the shared schedule and budget, but plain SGD at the paper's rate (module docstring).
+_CONVERGE = {"optimizer": "sgd", "lr": 0.7, "momentum": 0.0, "weight_decay": 0.0}
 
 
 def _pool_streams(x: torch.Tensor, mask: torch.Tensor | None, stream_dims, normalize: bool) -> list[torch.Tensor]:
@@ -107,6 +119,11 @@ class FusionNet(_SquaredLossHead):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, mask))
+
+    @property
+    def proximal(self) -> bool:
+        """True when after_step applies the prox (the trainer then insists on plain SGD)."""
+        return self.lambda2 > 0 or self.lambda3 > 0
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -176,6 +193,16 @@ class FusionNetConfig:
     lambda3: float = 3e-5  # l11 on W^E; likewise
     normalize: bool = True  # unit-RMS video vector per stream (our choice, see the module docstring)
     train_defaults: ClassVar[dict] = _TRAIN_DEFAULTS
+    converge_defaults: ClassVar[dict] = _CONVERGE
+
+    def check_train(self, train) -> None:
+        """Algorithm 1's proximal step needs a plain gradient step before it (module docstring)."""
+        if (self.lambda2 > 0 or self.lambda3 > 0) and not (
+                train.optimizer == "sgd" and train.momentum == 0 and train.weight_decay == 0):
+            raise UserError("fusion-net: the l21/l11 proximal updates (Wu et al. Algorithm 1) are valid only after "
+                            "plain SGD steps: use optimizer=sgd momentum=0 weight_decay=0, or lambda2=0 lambda3=0 "
+                            f"(got optimizer={train.optimizer} momentum={train.momentum:g} "
+                            f"weight_decay={train.weight_decay:g})")
 
 
 @dataclass(frozen=True)
@@ -187,6 +214,7 @@ class FusionMLPConfig:
     lambda1: float = 3e-5
     normalize: bool = True
     train_defaults: ClassVar[dict] = _TRAIN_DEFAULTS
+    converge_defaults: ClassVar[dict] = _CONVERGE
 
 
 @HEADS.register("fusion-net", FusionNetConfig)

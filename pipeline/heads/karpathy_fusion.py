@@ -63,7 +63,7 @@ __all__ = [
 
 FINETUNE = ("all", "top3", "top")
 
-# Sec. 3.3: "mini-batches of 32 examples, momentum of 0.9 and weight decay of 0.0005 ... learning rates of 1e-3".
+# recipe=paper (Karpathy et al. 2014, Sec. 3.3): "mini-batches of 32 examples, momentum of 0.9 and weight decay of 0.0005 ... learning rates of 1e-3".
 # frames=0: the trainer hands over every stored frame (padded and masked) and the head cuts its own contiguous clips.
 KARPATHY_TRAIN_DEFAULTS: dict = {
     "optimizer": "sgd",

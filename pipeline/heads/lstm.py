@@ -36,7 +36,7 @@ from pipeline.registry import HEADS
 
 __all__ = ["LSTMConfig", "LSTMHead", "LSTMStack", "TSLSTMConfig", "TSLSTMHead"]
 
-# Sec. 3.4.1: "The learning rate is set to 5e-5 for training Temporal Segment LSTM" (Adam). Epochs and batch
+# recipe=paper (Ma et al. 2017, Sec. 3.4.1): "The learning rate is set to 5e-5 for training Temporal Segment LSTM" (Adam). Epochs and batch
 # size are the authors' RNN code defaults (maxEpoch 100, batchSize 64); 25 equally spaced frames (Sec. 3.4.1).
 _LSTM_TRAIN = {"optimizer": "adam", "lr": 5e-5, "weight_decay": 0.0, "epochs": 100, "batch_size": 64, "frames": 25}
 

@@ -55,7 +55,7 @@ __all__ = [
     "window_max",
 ]
 
-# Section 3.3: Downpour SGD, learning rate 1e-5, momentum 0.9, weight decay 0.0005; Section 1 / 4.1: 1 fps,
+# recipe=paper (Ng et al. 2015, Section 3.3): Downpour SGD, learning rate 1e-5, momentum 0.9, weight decay 0.0005; Section 1 / 4.1: 1 fps,
 # 30-frame models (expanded to 120 frames, see pipeline.clips.expand_network).
 # Sec. 4.1: Sports-1M "sampled at a frame rate of 1fps"; Sec. 4.2 / Table 6: UCF-101 at 30 and 6 fps (and 1 fps,
 # "no further improvements"). Rates a store may have without a note (pipeline.features.check_frames).

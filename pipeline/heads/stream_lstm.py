@@ -101,7 +101,7 @@ class StreamLSTMConfig:
     stream: int | None = None  # None: one LSTM per stream, scores averaged; k: the LSTM of stream k only
     loss_steps: str = "all"  # "all": label on every valid step; "last": on the last one only
     choices: ClassVar[dict] = {"loss_steps": ("all", "last")}  # checked by registry.check_config
-    # Section 4.1.2: mini-batch 10, lr 1e-4, momentum 0.9, stopped after 150K iterations (1.5M videos seen,
+    # recipe=paper (Wu et al. 2015, Section 4.1.2): mini-batch 10, lr 1e-4, momentum 0.9, stopped after 150K iterations (1.5M videos seen,
     # about 157 epochs of UCF-101 split 1's 9,537 training videos).
     train_defaults: ClassVar[dict] = {"optimizer": "sgd", "lr": 1e-4, "momentum": 0.9, "weight_decay": 0.0,
                                           "batch_size": 10, "epochs": 157}

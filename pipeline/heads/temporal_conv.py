@@ -185,7 +185,7 @@ class TemporalVGGConfig:
     bn: bool = True  # BN before every ReLU (Sec. 4.3)
     dropout: float = 0.2  # before and after the FC (authors' code: dropout1 = dropout2 = 0.2)
     fc: int = 1024  # width of G's FC layer (0: classify the conv output directly)
-    # Sec. 3.4.1: "For Temporal-ConvNets, we use 1e-4 for learning rate and 1e-1 for weight decay" (Adam).
+    # recipe=paper (Ma et al. 2017, Sec. 3.4.1): "For Temporal-ConvNets, we use 1e-4 for learning rate and 1e-1 for weight decay" (Adam).
     # Epochs and batch size from the authors' code (30 epochs, batch 16); 25 equally spaced frames.
     train_defaults: ClassVar[dict] = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-1, "epochs": 30,
                                       "batch_size": 16, "frames": 25}

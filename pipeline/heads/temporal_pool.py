@@ -100,7 +100,7 @@ class TemporalPoolConfig:
     bn_out: bool = True  # BN on the concatenated segment vector
     dropout: float = 0.0
     choices: ClassVar[dict] = {"pool": ("max", "mean")}  # checked with the generic ranges (registry.check_config)
-    # Sec. 3.4.1 trains the TS-LSTM family with Adam 5e-5; epochs and batch size from the authors' RNN code
+    # recipe=paper: Ma et al. 2017, Sec. 3.4.1 trains the TS-LSTM family with Adam 5e-5; epochs and batch size from the authors' RNN code
     # (maxEpoch 100, batchSize 64); 25 equally spaced frames (Sec. 3.4.1 "Testing").
     train_defaults: ClassVar[dict] = {"optimizer": "adam", "lr": 5e-5, "weight_decay": 0.0, "epochs": 100,
                                       "batch_size": 64, "frames": 25}

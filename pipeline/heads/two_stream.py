@@ -38,7 +38,7 @@ class TwoStreamConfig:
     """
 
     dropout: float = 0.0
-    # The paper fine-tunes whole ConvNets with SGD, momentum 0.9, weight decay 1e-4, batch 64 and lr 5e-6 (spatial)
+    # recipe=paper (Ma et al. 2017, Sec. 3.4.1, after Simonyan and Zisserman): the paper fine-tunes whole ConvNets with SGD, momentum 0.9, weight decay 1e-4, batch 64 and lr 5e-6 (spatial)
     # / 5e-3 (temporal) (Sec. 3.4.1); only the last layer is trained here, so the temporal stream's rate is used
     # for both (5e-6 barely moves a freshly initialised layer). Epochs are not given in the paper.
     train_defaults: ClassVar[dict] = {"optimizer": "sgd", "lr": 5e-3, "momentum": 0.9, "weight_decay": 1e-4,

@@ -13,7 +13,7 @@ SPLITS  ?= 1 2 3
 PROTO   ?= data/protocol
 FT_ARGS ?=
 
-.PHONY: install demo extract train protocol sweep report test test-slow test-all bench lint clean
+.PHONY: install demo extract train protocol sweep report test test-slow test-demo test-all bench lint clean
 
 $(BIN)/twostream: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -63,7 +63,11 @@ test: | $(BIN)/twostream
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: | $(BIN)/twostream
-	$(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(BIN)/python -m pytest -q -m "slow and not demo"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# Every head on the whole demo with its default recipe (hours on 2 CPU cores, minutes on a GPU); not run by CI.
+test-demo: | $(BIN)/twostream
+	$(BIN)/python -m pytest -q -m demo
 
 test-all: | $(BIN)/twostream
 	$(BIN)/python -m pytest -q

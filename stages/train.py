@@ -251,6 +251,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
             cfg = dataclasses.replace(cfg, lr=float(f"{lr_find['suggested_lr']:.3g}"))
             config["train"] = dataclasses.asdict(cfg)
             config["lr_from"] = "find-lr"
+            run.release()  # the run is now named by the rate found; claimed again by run.start()
             run = RunDir(job.out, job.head, config)
             if run.complete:
                 echo(f"cached: {run.path}")

@@ -260,6 +260,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         write_lr_find(run.path, lr_find)
         echo(f"{run.path / 'lr_find.png'}")
         if job.find_lr != "apply":
+            run.release()  # nothing trained: the directory holds only the range test
             return RunResult(run.path, {"lr_find": {k: lr_find[k] for k in ("suggested_lr", "lowest_at_lr",
                                                                               "stopped", "steps")}}, cached=False)
     else:

@@ -1,4 +1,4 @@
-"""Scale-out extraction on Ray (issue 9): videos/s with 1 and 2 Ray workers against the single-process extractor,
+"""Scale-out extraction on Ray: videos/s with 1 and 2 Ray workers against the single-process extractor,
 and the fixed cost of one shard.
 
     python bench/distributed.py [--videos 24] [--frames 8] [--shard-size 4] [--backbone efficientnet_lite0]

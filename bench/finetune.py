@@ -1,4 +1,4 @@
-"""Images/s of fine-tuning per stream (issue 8): the SGD step of the CNN and the augmentation that feeds it.
+"""Images/s of fine-tuning per stream: the SGD step of the CNN and the augmentation that feeds it.
 
     PYTHONPATH=. .venv/bin/python bench/finetune.py [--backbone efficientnet_lite0] [--size 224] [--videos 4]
                                                     [--iters 3] [--threads 2] [--device cpu] [--stack 10]

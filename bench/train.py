@@ -1,4 +1,4 @@
-"""Benchmark stage two on UCF101-sized synthetic features (issue 4, "Measure").
+"""Benchmark stage two on UCF101-sized synthetic features.
 
 UCF101 split 1 has 9,537 training videos; Ma et al. feed 25 equally spaced frames of 2048-d ResNet-101 rgb and
 flow features, 4096 dims per frame in float16 here. This script

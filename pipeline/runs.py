@@ -1,4 +1,4 @@
-"""Run directories (DESIGN.md "Runs"): where a trained head and everything about it is written.
+"""Run directories: where a trained head and everything about it is written.
 
 ``OUT/<head>-<hash12>/``, the hash taken over the resolved config (head config, train config, streams, split,
 seed, store and manifest fingerprints), holds::

@@ -1,4 +1,4 @@
-"""The feature store: per-frame features of every video, in HDF5, crash-safe (DESIGN.md "Feature store").
+"""The feature store: per-frame features of every video, in HDF5, crash-safe.
 
 Layout of a store directory::
 
@@ -195,7 +195,7 @@ def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _check_safe(f: h5py.File, where: str) -> None:
-    """Refuse external links, soft links, virtual datasets and object (pickled) dtypes (DESIGN.md)."""
+    """Refuse external links, soft links, virtual datasets and object (pickled) dtypes."""
 
     def walk(group: h5py.Group, prefix: str) -> None:
         for name in group:

@@ -1,4 +1,4 @@
-"""Scale-out extraction: the manifest cut into shards, each shard extracted by one Ray task into one store (issue 9).
+"""Scale-out extraction: the manifest cut into shards, each shard extracted by one Ray task into one store.
 
 Shards. ``--shard i/N`` is 0-based (``i`` in ``0 .. N-1``, as SLURM's ``--array=0-15`` counts) and names the
 contiguous block ``videos[i*n//N : (i+1)*n//N]`` of the manifest's ``n`` videos, which are sorted by id. The N
@@ -7,7 +7,7 @@ manifest into ``N = ceil(n / shard_size)`` such shards, so ``--engine ray --shar
 ``--shard i/N`` make the same shards, writer names and files, and can finish each other's work.
 
 Files. Shard ``i/N`` writes its parts as writer ``sIIIIofNNNN`` (``parts/s0003of0016-000000.h5``, one writer per
-file, DESIGN.md) and, once every video of its slice is committed or has an error line, its shard manifest
+file) and, once every video of its slice is committed or has an error line, its shard manifest
 ``shards/s0003of0016.json`` (atomic write): the slice's ids, where each committed one lives, the failed ones,
 each part's size and sha256, the config hash and a digest of the whole manifest's ids. The shard manifest is the
 shard's commit: a shard that has one is never redone (the engine skips it before starting a task, without

@@ -1,4 +1,4 @@
-"""Stage one: videos -> per-frame CNN features in a feature store (DESIGN.md, "The two phases").
+"""Stage one: videos -> per-frame CNN features in a feature store.
 
 Follow one video id: ``load_manifest`` gives its path; a worker process decodes it (``prepare_video``:
 decode, sample, flow stacks when asked), so a crashing or hanging decoder costs one video; the main process
@@ -136,7 +136,7 @@ def prepare_video(task: dict) -> dict:
 
 def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
     """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
-    consecutive pair is computed once even when stacks overlap (issue 3 part 3)."""
+    consecutive pair is computed once even when stacks overlap."""
     from pipeline.flow import compute_flow
     from pipeline.flow.images import flow_to_images
     from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks

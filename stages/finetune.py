@@ -1,6 +1,6 @@
 """Stage: fine-tune the spatial or the temporal stream CNN on a dataset's training split, before extraction.
 
-Provenance (issue 8):
+Provenance:
 - Ma et al. 2017, Sec. 3.1: both streams are ImageNet-pretrained CNNs fine-tuned on the target dataset; the
   temporal stream (a stack of 10 flow images) is pre-trained "following the same procedure shown by Wang et al."
   (TSN's cross-modality initialisation, ``pipeline.backbones.cross_modality_init``).

@@ -2,7 +2,7 @@
 
 Fine-tuning the temporal stream (stages/finetune.py) draws random flow stacks from every video in every
 epoch; computing TV-L1 anew each time would cost far more than the CNN, so flow is computed once here
-(issue 3 part 4). The images are the ones extraction feeds the temporal stream: each component clipped at
+. The images are the ones extraction feeds the temporal stream: each component clipped at
 +-bound and rescaled to uint8 with 128 = zero motion (Ma et al. 3.4.1; ``pipeline.flow.flow_to_images``),
 computed by extraction's own ``stages.extract.flow_stacks_for`` (same grayscale conversion, same flow call).
 

@@ -1,4 +1,4 @@
-"""Leaderboard and report over finished runs (issue 7; DESIGN.md "Runs").
+"""Leaderboard and report over finished runs.
 
 ``write_report(RUNS, OUT)`` reads every complete run directory under ``RUNS`` (any depth: ``config.json`` plus
 ``metrics.json`` plus the ``COMPLETE`` marker) and writes::

@@ -1,5 +1,4 @@
-"""Stage two, many runs: a sweep file expanded into training jobs, run by parallel workers over cached features
-(issue 7; DESIGN.md "Runs": "A sweep is many runs plus a leaderboard").
+"""Stage two, many runs: a sweep file expanded into training jobs, run by parallel workers over cached features.
 
 A sweep file (YAML) lists heads with parameter grids, streams, splits and seeds::
 

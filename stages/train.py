@@ -1,4 +1,4 @@
-"""Stage two: train one head on cached features and write its run directory (DESIGN.md "Runs").
+"""Stage two: train one head on cached features and write its run directory.
 
 ``train(job)`` follows one head name from the command line to ``OUT/<head>-<hash12>/``:
 
@@ -125,7 +125,7 @@ class SplitFolds:
 
 def split_folds(job: TrainJob, store, manifest, streams: tuple[str, ...], val_fraction: float,
                 seed: int) -> SplitFolds:
-    """The split's videos in the store, as train / validation / fusion fold / test (DESIGN.md "Runs").
+    """The split's videos in the store, as train / validation / fusion fold / test.
 
     The fusion fold is carved first with a fixed seed (``carve_fusion_fold``), so it depends only on the split,
     the store and ``job.fusion_fold``, never on the head or the seed; validation is then carved from the rest.

@@ -1,4 +1,4 @@
-"""Scale-out extraction (issue 9): shard slices, sharded runs equal to one process, Ray retries, merge checks."""
+"""Scale-out extraction: shard slices, sharded runs equal to one process, Ray retries, merge checks."""
 
 import json
 import os

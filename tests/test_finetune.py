@@ -1,4 +1,4 @@
-"""Fine-tuning the stream CNNs (issue 8) and the flow cache (issue 3 part 4): augmentation known answers, partial
+"""Fine-tuning the stream CNNs and the flow cache: augmentation known answers, partial
 BN, cross-modality init, checkpoint round trip, resume after kill -9, refusal of mismatched flow settings, and (slow)
 the fine-tuned flow stream beating its ImageNet-only initialisation on the demo's motion-direction classes.
 

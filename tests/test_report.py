@@ -1,4 +1,4 @@
-"""Leaderboard and HTML report (issue 7): numbers equal the runs' metrics.json, the HTML is self-contained and
+"""Leaderboard and HTML report: numbers equal the runs' metrics.json, the HTML is self-contained and
 renders in headless Chromium (skipped, with the reason, when chromium is not installed)."""
 
 from __future__ import annotations

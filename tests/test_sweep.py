@@ -1,4 +1,4 @@
-"""Sweeps (issue 7): grid expansion, cache hits and misses, parallel workers, failing runs, resume after a kill.
+"""Sweeps: grid expansion, cache hits and misses, parallel workers, failing runs, resume after a kill.
 
 A tiny synthetic store (3 classes, rgb 6 + flow 4 dims, 8 frames) and a UCF101-layout list dir are written here;
 runs use the paper heads with tiny budgets (``epochs=2``). The two tests that start processes (parallel workers,

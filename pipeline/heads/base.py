@@ -1,4 +1,4 @@
-"""The interface every torch head shares (DESIGN.md, "Heads").
+"""The interface every torch head shares.
 
 A head maps cached per-frame features ``x: [B, T, D]`` and a validity mask ``mask: [B, T]`` (True where a
 frame is real; None means all real) to class scores ``[B, C]``. ``D`` is the per-frame concatenation of the

@@ -244,10 +244,17 @@ def make_optimizer(head: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def warmup_for(cfg: TrainConfig, total_steps: int) -> int:
+    """Warm-up steps actually used: ``warmup_steps``, but at most a tenth of the budget, so that a short run
+    (``--set epochs=8`` on a small set) still trains at its learning rate and still picks a best checkpoint."""
+    return min(cfg.warmup_steps, total_steps // 10)
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     """The lr schedule. ``warmup-cosine`` is stepped after every optimiser step, the others after every epoch."""
     if cfg.schedule == "warmup-cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps))
+        warmup = warmup_for(cfg, total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, warmup, total_steps))
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.schedule == "cosine":
@@ -333,6 +340,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
     opt = make_optimizer(head, cfg)
     sched = make_scheduler(opt, cfg, total)
     per_step_sched = cfg.schedule == "warmup-cosine"
+    warmup = warmup_for(cfg, total)
     has_val = val is not None and len(val) > 0
     history: list[dict] = []
     best = {"value": (-math.inf,), "step": 0, "epoch": 0, "val_accuracy": None, "state": None}
@@ -361,12 +369,12 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
             smoothed = value if smoothed is None else cfg.smoothing * smoothed + (1 - cfg.smoothing) * value
             key = {"accuracy": (smoothed[0],), "accuracy-loss": (smoothed[0], smoothed[1]),
                    "loss": (smoothed[1],)}[cfg.monitor]
-            if step >= cfg.warmup_steps and key > best["value"]:
+            if step >= warmup and key > best["value"]:
                 best.update(value=key, step=step, epoch=epoch_float, val_accuracy=row["val_accuracy"],
                             state=copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()}))
             if cfg.patience and epoch_float - best["epoch"] >= cfg.patience:
                 stop = True
-            if cfg.patience_steps and step - max(best["step"], cfg.warmup_steps) >= cfg.patience_steps:
+            if cfg.patience_steps and step - max(best["step"], warmup) >= cfg.patience_steps:
                 stop = True
         history.append(row)
         if on_epoch:

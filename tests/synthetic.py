@@ -44,3 +44,9 @@ def write_ucf_store(tmp_path: Path, classes: list[str], *, groups: int = 7, clip
         (root / "splits" / f"trainlist{n:02d}.txt").write_text("\n".join(train) + "\n")
         (root / "splits" / f"testlist{n:02d}.txt").write_text("\n".join(test) + "\n")
     return root, store_path
+
+
+def data_warnings(metrics: dict) -> list[str]:
+    """A run's warnings about its data and protocol, without the did-not-learn verdict (tests that train one epoch
+    on purpose check the former; the verdict has tests of its own)."""
+    return [w for w in metrics["warnings"] if not w.startswith("did not learn")]

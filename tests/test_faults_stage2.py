@@ -33,7 +33,7 @@ torch.set_num_threads(1)
 
 CLASSES = ["Alpha", "Beta", "Gamma"]
 ROOT = Path(__file__).resolve().parents[1]
-FAST = (("epochs", "3"), ("batch_size", "8"), ("frames", "4"), ("patience", "0"))
+FAST = (("epochs", "3"), ("batch_size", "8"), ("frames", "4"), ("patience", "0"), ("eval_every", "0"))  # a row per epoch
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_kill_9_of_a_sweep_leaves_no_worker_and_the_rerun_logs_each_epoch_once(d
     out = tmp_path / "runs"
     epochs = 120  # seconds per run on a busy machine: the kill lands while both workers train
     (tmp_path / "s.yaml").write_text(
-        f"set: {{epochs: {epochs}, patience: 0, batch_size: 4, frames: 4}}\n"
+        f"set: {{epochs: {epochs}, patience: 0, batch_size: 4, frames: 4, eval_every: 0}}\n"
         "runs:\n  - head: temporal-pool\n    streams: [rgb]\n    grid: {segments: [1, 2, 3, 4]}\n")
     cmd = [sys.executable, "-m", "cli.main", "sweep", str(store), str(tmp_path / "s.yaml"), "--dataset", str(root),
            "--out", str(out), "--jobs", "2", "--quiet"]

@@ -551,18 +551,22 @@ def store_25(tmp_path_factory):
 
 def test_ng_heads_refuse_more_frames_than_the_store_holds(store_25, tmp_path):
     """Ng's 30-frame models on a 25-frame store would see 5 duplicated frames in every video."""
+    from tests.synthetic import data_warnings
+
     root, store = store_25
     with pytest.raises(UserError, match=r"reads 30 frames per video but the store holds 25 .*--set frames=25"):
         _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8"))
     with pytest.raises(UserError, match="reads 30 frames"):
         _train(_stage_job(root, store, tmp_path, "deep-lstm", "hidden=8", "layers=1"))
     m = _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8", "epochs=1", "frames=25")).metrics
-    assert m["warnings"] == [("late-pool follows a paper that sampled 1 / 6 / 30 frames per second; the store holds "
+    assert data_warnings(m) == [("late-pool follows a paper that sampled 1 / 6 / 30 frames per second; the store holds "
                               "25 equally spaced frames per video")]
 
 
 def test_karpathy_clips_refuse_a_sparse_store_unless_told(store_25, tmp_path):
     """10 of 25 equally spaced frames span 40% of a video, not the paper's third of a second."""
+    from tests.synthetic import data_warnings
+
     root, store = store_25
     small = ("epochs=1", "fc_dim=8", "tower_dims=8,8,8", "num_clips=2")
     with pytest.raises(UserError, match=r"clips of 10 consecutive frames .* --all-frames"):
@@ -570,8 +574,8 @@ def test_karpathy_clips_refuse_a_sparse_store_unless_told(store_25, tmp_path):
     with pytest.raises(UserError, match="clips of 16 consecutive frames"):
         _train(_stage_job(root, store, tmp_path, "late-fusion", *small))
     m = _train(_stage_job(root, store, tmp_path, "slow-fusion", *small, "any_rate=true")).metrics
-    assert len(m["warnings"]) == 1 and "clips of 10 stored frames" in m["warnings"][0]
-    assert _train(_stage_job(root, store, tmp_path, "single-frame", *small)).metrics["warnings"] == []  # 1 frame
+    assert len(data_warnings(m)) == 1 and "clips of 10 stored frames" in data_warnings(m)[0]
+    assert data_warnings(_train(_stage_job(root, store, tmp_path, "single-frame", *small)).metrics) == []  # 1 frame
 
 
 def test_check_frames_cases():

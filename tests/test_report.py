@@ -74,7 +74,8 @@ def test_leaderboard_numbers_equal_the_runs_metrics(runs, tmp_path):
     by_head = {r["head"]: r for r in table}
     assert by_head["temporal-pool"]["splits"] == "1,2" and by_head["temporal-pool"]["seeds"] == "0"
     assert by_head["lstm"]["splits"] == "1" and by_head["lstm"]["seeds"] == "0,1"
-    assert by_head["temporal-pool"]["settings"] == "segments=1, batch_size=8, epochs=3, frames=4, min_steps=0"
+    # three epochs on a tiny set may leave the verdict ", did not learn" on the row: it has tests of its own
+    assert by_head["temporal-pool"]["settings"].removesuffix(", did not learn") == "segments=1, batch_size=8, epochs=3, frames=4, min_steps=0"
     assert by_head["lstm"]["streams"] == "rgb+flow"
     assert "by cross-validation" in by_head["score-fusion"]["settings"]
     md = paths["md"].read_text()

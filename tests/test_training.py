@@ -388,7 +388,9 @@ def test_stage_runs_the_paper_heads(dataset, tmp_path, head):
     cfg = json.loads((res.path / "config.json").read_text())
     assert cfg["train"]["frames"] == 25 and cfg["streams"] == ["rgb", "flow"]  # paper: 25 frames, both streams
     # the store holds 8-14 frames per video: the run says that the 25 were made by repeating frames
-    assert res.metrics["warnings"] == [("42 of 42 videos have fewer than 25 stored frames; their frames were "
+    from tests.synthetic import data_warnings
+
+    assert data_warnings(res.metrics) == [("42 of 42 videos have fewer than 25 stored frames; their frames were "
                                         "repeated to make 25")]
     saved = np.load(res.path / "scores_test.npz")
     assert res.metrics["n_test"] == len(saved["labels"]) == 12

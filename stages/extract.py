@@ -1,47 +1,37 @@
 """Stage one: videos -> per-frame CNN features in a feature store.
 
-Follow one video id: ``load_manifest`` gives its path; a worker process decodes it (``prepare_video``:
-decode, sample, flow stacks when asked), so a crashing or hanging decoder costs one video; the main process
-preprocesses the frames for each stream's CNN, runs it, and hands the float16 features to the store writer,
-which commits a part every few videos. Resumable: committed ids are skipped; failures go to errors.jsonl.
+Follow one video id: ``load_manifest`` gives its path; a worker process decodes it (``prepare_video`` of the
+shared extraction core ``pipeline.extraction``: decode, sample, flow stacks when asked), so a crashing or hanging
+decoder costs one video; the main process preprocesses the frames for each stream's CNN, runs it, and hands the
+float16 features to the store writer, which commits a part every few videos. Resumable: committed ids are skipped; failures go to errors.jsonl.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.sampling import Sampling, sample_indices
+from pipeline.extraction import (  # noqa: F401  (the shared extraction core; names kept importable from here)
+    ExtractConfig,
+    Stream,
+    build_streams,
+    embed,
+    flow_stacks_for,
+    prepare_video,
+    resolve_device,
+    store_config,
+    worker_init,
+)
+from pipeline.sampling import Sampling
 
 STREAMS = ("rgb", "flow")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that determines the features (recorded in the store; a store holds one config)."""
-
-    streams: tuple[str, ...] = ("rgb",)
-    sampling: Sampling = field(default_factory=Sampling)
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None            # None: the embedded ImageNet weights of the default backbone
-    flow_weights: str | None = None       # temporal-stream CNN weights (None: cross-modality init of `weights`)
-    tta: str = "center"                   # center | flip | 10crop (features averaged over the views)
-    keep_views: bool = False              # also store each view's features as `<stream>_views` [T, V, D]
-    precision: str = "auto"               # fp32 | bf16 | auto (bf16 on CUDA)
-    spatial_grid: int | None = None       # also store the last conv map pooled to g x g (conv pooling, Ng et al.)
-    foveated: bool = False                # Karpathy et al. 3.2 context + fovea streams
-    flow_method: str = "tvl1"
-    flow_params: tuple[tuple[str, Any], ...] = ()
-    flow_bound: float = 20.0              # clip at +-bound before quantising to uint8 (Ma et al.: 20)
-    flow_stack: int = 10                  # L consecutive flow fields per temporal-stream input (2L channels)
-    decoder: str = "auto"
+# Older names of the shared core (bench and tests import them from here).
+_Stream, _build_streams, _embed, _worker_init = Stream, build_streams, embed, worker_init
 
 
 @dataclass(frozen=True)
@@ -74,162 +64,6 @@ class Summary:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N]; got {device!r}")
-    return device
-
-
-# ---------------------------------------------------------------------------------------------- worker side
-
-def _worker_init() -> None:
-    # Workers run in parallel with each other and the CNN: one thread each keeps the cores busy without thrash.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import cv2
-
-    cv2.setNumThreads(1)
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-
-def prepare_video(task: dict) -> dict:
-    """Runs in a worker: decode one video, sample frames, compute flow stacks. Returns uint8 arrays + meta."""
-    from pipeline.store import file_sha256
-    from pipeline.video import decode, decode_for_sampling
-
-    t0 = time.perf_counter()
-    path, sampling = task["path"], task["sampling"]
-    dec = decode_for_sampling(path, task["decoder"], task["device"])
-    idx = sample_indices(dec.n_frames, dec.fps, sampling)
-    frames = dec.frames
-    if len(frames) == 0:  # a long video: second pass for the needed frames only
-        need = np.unique(idx)
-        if task["flow"]:
-            need = np.unique(np.concatenate([need, *[np.arange(i, i + task["flow"]["stack"] + 1) for i in need]]))
-            need = need[need < dec.n_frames]
-        sub = decode(path, task["decoder"], need, task["device"]).frames
-        frames = np.zeros((dec.n_frames, *sub.shape[1:]), np.uint8)
-        frames[need] = sub
-    out: dict[str, Any] = {"rgb": frames[idx] if "rgb" in task["streams"] else None}
-    t1 = time.perf_counter()
-    if task["flow"]:
-        out["flow"] = flow_stacks_for(frames, idx, task["flow"])
-    t2 = time.perf_counter()
-    out["meta"] = {"frame_indices": idx, "fps": dec.fps, "n_frames": dec.n_frames,
-                   "duration": dec.n_frames / dec.fps, "size": os.path.getsize(path), "sha256": file_sha256(path),
-                   "decoder": dec.backend, "height": int(frames.shape[1]), "width": int(frames.shape[2])}
-    out["seconds"] = {"decode": t1 - t0, "flow": t2 - t1}
-    return out
-
-
-def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
-    """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
-    consecutive pair is computed once even when stacks overlap."""
-    from pipeline.flow import compute_flow
-    from pipeline.flow.images import flow_to_images
-    from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks
-
-    L = flow["stack"]
-    if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
-        return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
-    gray = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
-    pairs = pairs_for_stacks(len(frames), idx, L)
-    a = np.array([p for p, _ in pairs])
-    fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
-    images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
-    return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
-
-
-# ------------------------------------------------------------------------------------------------ main side
-
-@dataclass
-class _Stream:
-    name: str
-    backbone: Any
-    tta: str
-    grid: int | None
-    keep_views: bool = False
-
-
-def _build_streams(cfg: ExtractConfig, device: str) -> list[_Stream]:
-    from pipeline.backbones import build_backbone
-
-    streams = []
-    for s in cfg.streams:
-        in_chans = 3 if s == "rgb" else 2 * cfg.flow_stack
-        weights = cfg.weights if s == "rgb" else (cfg.flow_weights or cfg.weights)
-        bb = build_backbone(cfg.backbone, weights, in_chans=in_chans, device=device, foveated=cfg.foveated,
-                            precision=cfg.precision)
-        streams.append(_Stream(s, bb, cfg.tta, cfg.spatial_grid, cfg.keep_views))
-    return streams
-
-
-def store_config(cfg: ExtractConfig, streams: list[_Stream], decoder: str) -> dict:
-    """The config recorded in the store: every input that changes the features, resolved."""
-    out: dict[str, Any] = {
-        "streams": list(cfg.streams),
-        "sampling": asdict(cfg.sampling),
-        "tta": cfg.tta,
-        **({"keep_views": True} if cfg.keep_views else {}),  # absent when off: older stores keep their hash
-        "spatial_grid": cfg.spatial_grid,
-        "decoder": decoder,
-        "backbones": {s.name: s.backbone.spec for s in streams},
-    }
-    if cfg.tta != "center":  # which streams hold averaged features, which every view (absent for one view)
-        from pipeline.backbones import view_aggregation
-
-        out["view_aggregation"] = view_aggregation(out)
-    if "flow" in cfg.streams:
-        from pipeline import flow as flowlib
-
-        out["flow"] = {"method": cfg.flow_method,
-                       "params": {**flowlib.default_params(cfg.flow_method), **dict(cfg.flow_params)},
-                       "bound": cfg.flow_bound, "stack": cfg.flow_stack, "encoding": "uint8, 128 = zero motion"}
-    return out
-
-
-def _embed(stream: _Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, float]) -> dict[str, np.ndarray]:
-    from pipeline.preprocess import preprocess, view_flips
-
-    t0 = time.perf_counter()
-    if stream.name == "flow":
-        arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
-    views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
-    t1 = time.perf_counter()
-    seconds["preprocess"] += t1 - t0
-    out: dict[str, np.ndarray] = {}
-    if stream.keep_views and not stream.grid:
-        # Each view on its own (Karpathy 4.1: scores averaged over crops and flips at test time). The same flat
-        # batches as the averaged path, so the mean over views is the stream's usual feature, bit for bit.
-        t, v = views.shape[:2]
-        per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
-        per_view = per_view.view(t, v, -1)  # [T*V,D] -> [T,V,D]
-        out[f"{stream.name}_views"] = per_view.numpy().astype(np.float16)
-        feats, grid = per_view.mean(1), None
-    else:
-        feats, grid = stream.backbone.extract(views, batch_size=batch_size, grid=stream.grid,
-                                              flips=view_flips(stream.tta))
-        if stream.keep_views:
-            t, v = views.shape[:2]
-            per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
-            out[f"{stream.name}_views"] = per_view.view(t, v, -1).numpy().astype(np.float16)  # [T,V,D]
-    out[stream.name] = feats.numpy().astype(np.float16)
-    if grid is not None:
-        out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
-    seconds["cnn"] += time.perf_counter() - t1
-    return out
 
 
 def check_settings(cfg: ExtractConfig, opts: RunOptions) -> None:
@@ -381,12 +215,12 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
     import torch
     from tqdm import tqdm
 
+    from pipeline.isolation import isolated_map
     from pipeline.store import FeatureStore, atomic_write_text, read_errors
-    from stages.isolation import isolated_map
 
     finetuned, seen_lists = provenance
     torch.manual_seed(0)
-    streams = _build_streams(cfg, device)
+    streams = build_streams(cfg, device)
     config = store_config(cfg, streams, decoder)
     if finetuned:  # which videos the CNNs were trained on; absent for ImageNet weights (older stores keep their hash)
         config["finetuned"] = finetuned
@@ -417,7 +251,7 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
         # CUDA work (NVDEC, GPU flow) stays in-process: a CUDA context per worker process is wasteful.
         workers = 0 if device.startswith("cuda") and (decoder == "torchcodec" or flow) else opts.workers
         bar = tqdm(total=len(todo), unit="video", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
-        for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=_worker_init):
+        for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=worker_init):
             if not res.ok:
                 stage = "decode" if res.error in ("timeout",) or res.error.startswith("SIG") else "prepare"
                 writer.log_error(res.key, stage, res.error, res.message)
@@ -431,7 +265,7 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
             feats: dict[str, np.ndarray] = {}
             try:
                 for s in streams:
-                    feats.update(_embed(s, video[s.name], opts.batch_size, summary.seconds))
+                    feats.update(embed(s, video[s.name], opts.batch_size, summary.seconds))
             except Exception as e:  # noqa: BLE001 - a video the CNN cannot take is logged, the run goes on
                 writer.log_error(res.key, "cnn", type(e).__name__, str(e))
                 summary.failed += 1

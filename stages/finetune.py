@@ -244,8 +244,8 @@ class _LiveFlow(_RGBFrames):
         return max(self.n_frames(v) - self.length, 1)
 
     def read(self, v, starts: np.ndarray) -> np.ndarray:
+        from pipeline.extraction import flow_stacks_for
         from pipeline.video import decode
-        from stages.extract import flow_stacks_for
 
         n = self.n_frames(v)
         spans = [np.arange(s, min(s + self.length, n - 1) + 1) for s in starts]  # frames s .. s+L, in the video
@@ -289,7 +289,7 @@ class SnippetDataset(torch.utils.data.Dataset):
 
 
 def _loader_init(worker_id: int) -> None:
-    from stages.extract import _worker_init
+    from pipeline.extraction import worker_init as _worker_init
 
     _worker_init()
 
@@ -447,10 +447,10 @@ def finetune(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCo
     from pipeline import __version__
     from pipeline.backbones import build_backbone
     from pipeline.datasets import load_manifest
+    from pipeline.extraction import resolve_device
     from pipeline.features import carve_validation
     from pipeline.store import atomic_write_text
     from pipeline.video import choose_backend
-    from stages.extract import resolve_device
     from stages.flow_cache import FlowCache
 
     cache = FlowCache(opts.flow_cache) if (opts.flow_cache and cfg.stream == "flow") else None

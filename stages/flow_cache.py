@@ -84,9 +84,9 @@ def cache_video(task: dict) -> dict:
     """Runs in a worker: decode one video, compute the flow of every consecutive pair, write it atomically."""
     import h5py
 
+    from pipeline.extraction import flow_stacks_for
     from pipeline.store import file_sha256
     from pipeline.video import DecodeError, decode, decode_for_sampling
-    from stages.extract import flow_stacks_for
 
     t0 = time.perf_counter()
     path, out, flow = Path(task["path"]), Path(task["out"]), task["flow"]
@@ -214,10 +214,13 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
     from tqdm import tqdm
 
     from pipeline.datasets import load_manifest
+    from pipeline.extraction import resolve_device
+    from pipeline.extraction import worker_init as _worker_init
+    from pipeline.isolation import isolated_map
     from pipeline.store import atomic_write_text, read_errors
     from pipeline.video import choose_backend
-    from stages.extract import Summary, _worker_init, resolve_device
-    from stages.isolation import isolated_map
+    from stages.extract import Summary
+
 
     t_start = time.perf_counter()
     out = Path(out)

@@ -1,0 +1,247 @@
+"""The extraction core: decode -> sample -> flow stacks -> stream CNNs, shared by every stage that needs features.
+
+``extract`` (into a store), ``finetune`` (live flow), the flow cache and ``predict`` (new videos) all run this one
+path, so a video's features are the same whoever computes them:
+
+- ``prepare_video`` (a worker process: decode, sample with the store's ``Sampling``, flow stacks of L fields,
+  Ma et al. 3.1) returns uint8 frames and stacks; ``worker_init`` keeps each worker to one thread;
+- ``build_streams`` builds each stream's CNN (``pipeline.backbones``), seeded, rgb first, so random-weight test
+  backbones are reproducible too; ``embed`` preprocesses (with the test-time views) and runs one stream's CNN;
+- ``store_config`` is what a store records of all this; ``streams_from_config`` and ``video_task`` rebuild the
+  same CNNs and worker task from such a record (``predict`` on a new video).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.sampling import Sampling, sample_indices
+
+__all__ = ["ExtractConfig", "Stream", "build_streams", "embed", "flow_stacks_for", "flow_task", "prepare_video",
+           "resolve_device", "store_config", "streams_from_config", "video_task", "worker_init"]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that determines the features (recorded in the store; a store holds one config)."""
+
+    streams: tuple[str, ...] = ("rgb",)
+    sampling: Sampling = field(default_factory=Sampling)
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None            # None: the embedded ImageNet weights of the default backbone
+    flow_weights: str | None = None       # temporal-stream CNN weights (None: cross-modality init of `weights`)
+    tta: str = "center"                   # center | flip | 10crop (features averaged over the views)
+    keep_views: bool = False              # also store each view's features as `<stream>_views` [T, V, D]
+    precision: str = "auto"               # fp32 | bf16 | auto (bf16 on CUDA)
+    spatial_grid: int | None = None       # also store the last conv map pooled to g x g (conv pooling, Ng et al.)
+    foveated: bool = False                # Karpathy et al. 3.2 context + fovea streams
+    flow_method: str = "tvl1"
+    flow_params: tuple[tuple[str, Any], ...] = ()
+    flow_bound: float = 20.0              # clip at +-bound before quantising to uint8 (Ma et al.: 20)
+    flow_stack: int = 10                  # L consecutive flow fields per temporal-stream input (2L channels)
+    decoder: str = "auto"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N]; got {device!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def worker_init() -> None:
+    # Workers run in parallel with each other and the CNN: one thread each keeps the cores busy without thrash.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def prepare_video(task: dict) -> dict:
+    """Runs in a worker: decode one video, sample frames, compute flow stacks. Returns uint8 arrays + meta."""
+    from pipeline.store import file_sha256
+    from pipeline.video import decode, decode_for_sampling
+
+    t0 = time.perf_counter()
+    path, sampling = task["path"], task["sampling"]
+    dec = decode_for_sampling(path, task["decoder"], task["device"])
+    idx = sample_indices(dec.n_frames, dec.fps, sampling)
+    frames = dec.frames
+    if len(frames) == 0:  # a long video: second pass for the needed frames only
+        need = np.unique(idx)
+        if task["flow"]:
+            need = np.unique(np.concatenate([need, *[np.arange(i, i + task["flow"]["stack"] + 1) for i in need]]))
+            need = need[need < dec.n_frames]
+        sub = decode(path, task["decoder"], need, task["device"]).frames
+        frames = np.zeros((dec.n_frames, *sub.shape[1:]), np.uint8)
+        frames[need] = sub
+    out: dict[str, Any] = {"rgb": frames[idx] if "rgb" in task["streams"] else None}
+    t1 = time.perf_counter()
+    if task["flow"]:
+        out["flow"] = flow_stacks_for(frames, idx, task["flow"])
+    t2 = time.perf_counter()
+    out["meta"] = {"frame_indices": idx, "fps": dec.fps, "n_frames": dec.n_frames,
+                   "duration": dec.n_frames / dec.fps, "size": os.path.getsize(path), "sha256": file_sha256(path),
+                   "decoder": dec.backend, "height": int(frames.shape[1]), "width": int(frames.shape[2])}
+    out["seconds"] = {"decode": t1 - t0, "flow": t2 - t1}
+    return out
+
+
+def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
+    """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
+    consecutive pair is computed once even when stacks overlap."""
+    from pipeline.flow import compute_flow
+    from pipeline.flow.images import flow_to_images
+    from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks
+
+    L = flow["stack"]
+    if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
+        return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
+    gray = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+    pairs = pairs_for_stacks(len(frames), idx, L)
+    a = np.array([p for p, _ in pairs])
+    fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
+    images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
+    return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
+
+
+# ------------------------------------------------------------------------------------------------ main side
+
+@dataclass
+class Stream:
+    name: str
+    backbone: Any
+    tta: str
+    grid: int | None
+    keep_views: bool = False
+
+
+def build_streams(cfg: ExtractConfig, device: str) -> list[Stream]:
+    from pipeline.backbones import build_backbone
+
+    streams = []
+    for s in cfg.streams:
+        in_chans = 3 if s == "rgb" else 2 * cfg.flow_stack
+        weights = cfg.weights if s == "rgb" else (cfg.flow_weights or cfg.weights)
+        bb = build_backbone(cfg.backbone, weights, in_chans=in_chans, device=device, foveated=cfg.foveated,
+                            precision=cfg.precision)
+        streams.append(Stream(s, bb, cfg.tta, cfg.spatial_grid, cfg.keep_views))
+    return streams
+
+
+def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str) -> dict:
+    """The config recorded in the store: every input that changes the features, resolved."""
+    out: dict[str, Any] = {
+        "streams": list(cfg.streams),
+        "sampling": asdict(cfg.sampling),
+        "tta": cfg.tta,
+        **({"keep_views": True} if cfg.keep_views else {}),  # absent when off: older stores keep their hash
+        "spatial_grid": cfg.spatial_grid,
+        "decoder": decoder,
+        "backbones": {s.name: s.backbone.spec for s in streams},
+    }
+    if cfg.tta != "center":  # which streams hold averaged features, which every view (absent for one view)
+        from pipeline.backbones import view_aggregation
+
+        out["view_aggregation"] = view_aggregation(out)
+    if "flow" in cfg.streams:
+        from pipeline import flow as flowlib
+
+        out["flow"] = {"method": cfg.flow_method,
+                       "params": {**flowlib.default_params(cfg.flow_method), **dict(cfg.flow_params)},
+                       "bound": cfg.flow_bound, "stack": cfg.flow_stack, "encoding": "uint8, 128 = zero motion"}
+    return out
+
+
+def embed(stream: Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    from pipeline.preprocess import preprocess, view_flips
+
+    t0 = time.perf_counter()
+    if stream.name == "flow":
+        arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
+    views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
+    t1 = time.perf_counter()
+    seconds["preprocess"] += t1 - t0
+    out: dict[str, np.ndarray] = {}
+    if stream.keep_views and not stream.grid:
+        # Each view on its own (Karpathy 4.1: scores averaged over crops and flips at test time). The same flat
+        # batches as the averaged path, so the mean over views is the stream's usual feature, bit for bit.
+        t, v = views.shape[:2]
+        per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
+        per_view = per_view.view(t, v, -1)  # [T*V,D] -> [T,V,D]
+        out[f"{stream.name}_views"] = per_view.numpy().astype(np.float16)
+        feats, grid = per_view.mean(1), None
+    else:
+        feats, grid = stream.backbone.extract(views, batch_size=batch_size, grid=stream.grid,
+                                              flips=view_flips(stream.tta))
+        if stream.keep_views:
+            t, v = views.shape[:2]
+            per_view, _ = stream.backbone.extract(views.reshape(t * v, 1, *views.shape[2:]), batch_size=batch_size)
+            out[f"{stream.name}_views"] = per_view.view(t, v, -1).numpy().astype(np.float16)  # [T,V,D]
+    out[stream.name] = feats.numpy().astype(np.float16)
+    if grid is not None:
+        out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
+    seconds["cnn"] += time.perf_counter() - t1
+    return out
+
+
+# ------------------------------------------------------------------------------------- from a store's record
+
+def flow_task(config: dict, device: str) -> dict | None:
+    """The flow settings a worker needs, from a store's ``config`` (None when the store has no flow stream)."""
+    if "flow" not in config.get("streams", []):
+        return None
+    f = config["flow"]
+    return {"method": f["method"], "params": dict(f["params"]), "bound": f["bound"], "stack": int(f["stack"]),
+            "device": device if device.startswith("cuda") else "cpu"}
+
+
+def video_task(path: str, config: dict, device: str, streams: tuple[str, ...] | None = None) -> dict:
+    """The ``prepare_video`` task of one video under a store's ``config``: its sampling, decoder and flow.
+    ``streams`` limits the work to those streams (flow is computed only when asked)."""
+    streams = tuple(config["streams"]) if streams is None else tuple(streams)
+    decoder = config.get("decoder", "auto")
+    return {"path": str(path), "sampling": Sampling(**config["sampling"]), "decoder": decoder,
+            "device": device if decoder == "torchcodec" else "cpu", "streams": streams,
+            "flow": flow_task(config, device) if "flow" in streams else None}
+
+
+def streams_from_config(config: dict, weights_for: Callable[[str, dict], str], device: str) -> list[Stream]:
+    """The stream CNNs a store's ``config`` records, rebuilt: the same backbone, weights (``weights_for(stream,
+    spec)`` gives the file, checked by the caller against ``spec["weights_sha256"]``, or ``"random"``), input
+    channels, foveation and precision, seeded and in the store's order as ``build_streams`` does, so a random-weight
+    backbone comes out the same."""
+    import torch
+
+    from pipeline.backbones import build_backbone
+
+    torch.manual_seed(0)
+    out = []
+    for s in config["streams"]:
+        spec = config["backbones"][s]
+        bb = build_backbone(spec["name"], weights_for(s, spec), in_chans=int(spec["in_chans"]), device=device,
+                            foveated=bool(spec["foveated"]), precision=spec["precision"])
+        bb.spec = dict(spec)  # the store's record (a re-saved weights file has another name and hash)
+        out.append(Stream(s, bb, config.get("tta", "center"), config.get("spatial_grid"),
+                          bool(config.get("keep_views"))))
+    return out

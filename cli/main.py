@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sweep": ("cli.sweep", "sweep", "Stage two, many runs: a sweep file of heads and grids (resumable)."),
     "report": ("cli.sweep", "report", "Leaderboard and HTML report over finished runs."),
     "fuse": ("cli.sweep", "fuse", "Fuse the per-video scores of finished runs (weights by cross-validation)."),
+    "predict": ("cli.predict", "predict", "Classify new videos with a run, a fused run or an exported model."),
+    "export": ("cli.predict", "export", "Write a self-contained model folder from a run or a fused run."),
 }
 
 

@@ -313,6 +313,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.write_scores("scores_fusion.npz", fusion_set.ids, fusion_set.labels, fusion_scores, classes)
     run.write_scores("scores_test.npz", test_set.ids, test_set.labels, test_scores, classes)
     run.write_json("metrics.json", metrics)
+    run.write_json("extraction.json", extraction_record(store, streams, [it.id for it in train_items]))
     run.plot_learning_curve(fitted["history"])
     run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
@@ -321,6 +322,24 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
          + (f", {metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else "")
          + ")")
     return RunResult(run.path, metrics, cached=False)
+
+
+def extraction_record(store, streams: tuple[str, ...], train_ids: list[str]) -> dict:
+    """How the run's features were made, for ``predict`` on new videos (not part of the run's hash): the store's
+    extraction config and where it was, the dimension of each stream the head reads, and the median length in
+    seconds of (up to 64 of) its training videos, the default window of a timeline."""
+    seconds = []
+    for vid in train_ids[:: max(1, len(train_ids) // 64)][:64]:
+        try:
+            seconds.append(float(store.meta(vid)["duration"]))
+        except Exception:  # noqa: BLE001 - a store without durations: the timeline asks for --window
+            break
+    seconds = [s for s in seconds if np.isfinite(s) and s > 0]
+    dims = store.streams
+    return {"store": str(Path(getattr(store, "path", "")).resolve()) if getattr(store, "path", None) else None,
+            "store_config": getattr(store, "config", None), "store_classes": getattr(store, "classes", None),
+            "stream_dims": {s: int(dims[s]) for s in streams},
+            "video_seconds": float(np.median(seconds)) if seconds else None}
 
 
 def _check_finite(scores: np.ndarray, what: str, cfg) -> None:

@@ -85,15 +85,18 @@ def predict(model, inputs, k, out, weights, store, timeline, window, stride, tim
             for seg in res["segments"]:
                 click.echo(f"  {seg['start']:7.2f} - {seg['end']:7.2f} s  {seg['class']}")
         return
+    from tqdm import tqdm
+
+    say = click.echo if quiet else tqdm.write  # lines above the progress bar
     rows, failed = [], 0
     for p in predictor.predict_videos(videos, workers=workers, timeout=timeout, progress=not quiet):
         if not p.ok:
             failed += 1
-            click.echo(f"{p.video}: failed ({p.error})")
+            say(f"{p.video}: failed ({p.error})")
             rows.append({"video": p.video, "status": "failed", "error": p.error})
             continue
         top = p.top(k)
-        click.echo(f"{p.video}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
+        say(f"{p.video}: " + ", ".join(f"{c} {100 * q:.1f}%" for c, q in top))
         rows.append({"video": p.video, "status": "ok", "top": [{"class": c, "p": q} for c, q in top],
                      "scores": [float(x) for x in p.scores], "classes": p.classes, "seconds": p.seconds})
     if out:

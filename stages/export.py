@@ -138,7 +138,7 @@ def model_card(pred: Predictor, meta: dict) -> str:
     lines = [f"# {m.path.name}", "",
              f"A {'score fusion of ' + str(len(heads)) + ' heads' if meta['kind'] == 'score-fusion' else heads[0].head + ' head'}"
              f" classifying {len(pred.classes)} actions from per-frame CNN features of "
-             f"{' + '.join(sorted({s for h in heads for s in h.streams}))}.", "",
+             f"{' + '.join(dict.fromkeys(s for h in heads for s in h.streams))}.", "",
              "## Metrics (test split of the run)", "",
              f"accuracy {pct('accuracy')}, hit@5 {pct('hit@5')}, mAP {pct('map')} on {met.get('n_test', '?')} test "
              f"videos of split {met.get('split', '?')}.", "",

@@ -111,8 +111,8 @@ def export_model(run: str | Path, out: str | Path, weights=(), store: str | None
 def _describe_extraction(cfg: dict) -> list[str]:
     from pipeline.features import describe_sampling
 
-    lines = [f"- sampling: {describe_sampling(cfg['sampling'])}; test-time views: {cfg.get('tta', 'center')}; "
-             f"decoder: {cfg.get('decoder')}"]
+    lines = [(f"- sampling: {describe_sampling(cfg['sampling'])}; test-time views: {cfg.get('tta', 'center')}; "
+             f"decoder: {cfg.get('decoder')}")]
     for s in cfg["streams"]:
         b = cfg["backbones"][s]
         lines.append(f"- {s} CNN: {b['name']} ({b['in_chans']} input channels, {b['input_size']} px, "
@@ -136,12 +136,12 @@ def model_card(pred: Predictor, meta: dict) -> str:
         return f"{100 * v:.2f}%" if isinstance(v, float) else "n/a"
 
     lines = [f"# {m.path.name}", "",
-             f"A {'score fusion of ' + str(len(heads)) + ' heads' if meta['kind'] == 'score-fusion' else heads[0].head + ' head'}"
+             (f"A {'score fusion of ' + str(len(heads)) + ' heads' if meta['kind'] == 'score-fusion' else heads[0].head + ' head'}"
              f" classifying {len(pred.classes)} actions from per-frame CNN features of "
-             f"{' + '.join(dict.fromkeys(s for h in heads for s in h.streams))}.", "",
+             f"{' + '.join(dict.fromkeys(s for h in heads for s in h.streams))}."), "",
              "## Metrics (test split of the run)", "",
-             f"accuracy {pct('accuracy')}, hit@5 {pct('hit@5')}, mAP {pct('map')} on {met.get('n_test', '?')} test "
-             f"videos of split {met.get('split', '?')}.", "",
+             (f"accuracy {pct('accuracy')}, hit@5 {pct('hit@5')}, mAP {pct('map')} on {met.get('n_test', '?')} test "
+             f"videos of split {met.get('split', '?')}."), "",
              "## Training data", ""]
     for h in heads:
         c = h.config

@@ -191,3 +191,11 @@ def test_fused_run_predicts_its_fused_scores(trained, tmp_path):
     z = np.load(fused.path / "scores_test.npz", allow_pickle=False)
     for i in (0, len(z["ids"]) - 1):
         np.testing.assert_allclose(pred.predict(data / str(z["ids"][i])), z["scores"][i], rtol=1e-4, atol=1e-4)
+    from stages.export import export_model
+
+    export_model(fused.path, tmp_path / "model")  # the fusion and both its input runs, in one folder
+    alone = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "model", alone)
+    shutil.rmtree(tmp_path / "runs")
+    np.testing.assert_allclose(Predictor.load(alone, device="cpu").predict(data / str(z["ids"][0])), z["scores"][0],
+                               rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ SPLITS  ?= 1 2 3
 PROTO   ?= data/protocol
 FT_ARGS ?=
 
-.PHONY: install demo extract train protocol sweep report test test-slow test-demo test-all bench lint clean
+.PHONY: install demo extract train predict protocol sweep report test test-slow test-demo test-all bench lint clean
 
 $(BIN)/twostream: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,16 @@ extract: demo
 # Stage two on the cached features: the default head on split 1.
 train: | $(BIN)/twostream
 	$(TS) train $(STORE) --dataset $(DATA) --split 1 --head $(HEAD) --streams rgb,flow --out $(RUNS)
+
+# Classify demo test videos with the newest run of HEAD that `make train` left (top 5 per video), then find where each
+# action happens in a video of two demo clips in a row (timeline/*.png: the switch is at 1.92 s).
+predict: | $(BIN)/twostream
+	run=$$(ls -td $(RUNS)/$(HEAD)-*/ | head -1); test -n "$$run" || { echo "no run of $(HEAD) in $(RUNS): make train"; exit 2; }; \
+	$(TS) predict $$run $(DATA)/CheckerDrift/v_CheckerDrift_g01_c01.avi $(DATA)/TextureLeft/v_TextureLeft_g01_c01.avi \
+	  $(DATA)/BeachThenForest/v_BeachThenForest_g01_c01.avi && \
+	$(BIN)/python -c "from pipeline.demo_data import write_sequence; write_sequence('timeline/two-actions.avi', \
+	  ['StripeDrift', 'TextureUp'], seed=1)" && \
+	$(TS) predict $$run timeline/two-actions.avi --timeline --timeline-dir timeline
 
 # The three-split protocol (Ma et al. Sec. 3.1; UCF101/HMDB51's three splits), one command: per split, fine-tune the
 # rgb and flow CNNs on that split's training videos, extract a store with them ($(PROTO)/store-N); then train HEAD on
@@ -81,4 +91,4 @@ lint: | $(BIN)/twostream
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(DATA) $(STORE) $(RUNS) report
+	rm -rf $(DATA) $(STORE) $(RUNS) report timeline

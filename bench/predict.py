@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline.heads  # noqa: F401  (registers every head)
 from pipeline.extraction import ExtractConfig, build_streams, store_config
+from pipeline.predictor import Predictor
 from pipeline.sampling import Sampling
 from pipeline.training import build_head, resolve_configs
-from stages.predict import Predictor
 
 STEPS = ("decode", "flow", "preprocess", "cnn", "head")
 

@@ -1,4 +1,4 @@
-"""``twostream predict`` and ``twostream export``: parse, call ``stages.predict`` / ``stages.export``, print."""
+"""``twostream predict`` and ``twostream export``: parse, call ``pipeline.predictor`` / ``stages.export``, print."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def predict(model, inputs, k, out, weights, store, timeline, window, stride, tim
     INPUTS: video files, folders (every video below) or .txt lists of paths. The features are made exactly as
     the run's feature store was (backbone and weights checked by hash, sampling, flow, test-time views).
     """
-    from stages.predict import Predictor, list_videos
+    from pipeline.predictor import Predictor, list_videos
 
     if k < 1:
         raise UserError(f"--top must be >= 1; got {k}")

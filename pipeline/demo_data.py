@@ -45,7 +45,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["BAD_VIDEO_FRAMES", "CLASSES", "EVIDENCE", "render_video", "write_bad_videos", "write_demo_dataset"]
+__all__ = ["BAD_VIDEO_FRAMES", "CLASSES", "EVIDENCE", "render_video", "write_bad_videos", "write_demo_dataset",
+           "write_sequence"]
 
 EVIDENCE = {
     "CheckerDrift": "appearance",
@@ -271,6 +272,17 @@ def _write_avi(path: Path, frames: np.ndarray, fps: float, quality: int = 85) ->
         return
     tmp.unlink(missing_ok=True)
     raise OSError(f"OpenCV's MJPEG encoder failed on {path}")
+
+
+def write_sequence(path: str | os.PathLike, classes: list[str], seed: int = 0, group: int = 1, frames: int = 48,
+                   size: tuple[int, int] = (160, 120), fps: float = 25.0) -> Path:
+    """One video of several actions in a row: a demo clip of each class in ``classes`` (``frames`` each, same
+    ``group``), concatenated, so that where each action happens is known (``frames / fps`` seconds apiece)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clips = [render_video(c, seed, group, 1, frames, size) for c in classes]  # [frames, h, w, 3] each
+    _write_avi(path, np.concatenate(clips), fps)
+    return path
 
 
 def _split_of_group(group: int, groups: int) -> int:

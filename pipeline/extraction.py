@@ -24,8 +24,21 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.sampling import Sampling, sample_indices
 
-__all__ = ["ExtractConfig", "Stream", "build_streams", "embed", "flow_stacks_for", "flow_task", "prepare_video",
-           "resolve_device", "store_config", "streams_from_config", "video_task", "worker_init"]
+__all__ = [
+    "ExtractConfig",
+    "Stream",
+    "build_streams",
+    "embed",
+    "extraction_record",
+    "flow_stacks_for",
+    "flow_task",
+    "prepare_video",
+    "resolve_device",
+    "store_config",
+    "streams_from_config",
+    "video_task",
+    "worker_init",
+]
 
 
 @dataclass(frozen=True)
@@ -245,3 +258,23 @@ def streams_from_config(config: dict, weights_for: Callable[[str, dict], str], d
         out.append(Stream(s, bb, config.get("tta", "center"), config.get("spatial_grid"),
                           bool(config.get("keep_views"))))
     return out
+
+
+def extraction_record(store, streams: tuple[str, ...], train_ids: list[str]) -> dict:
+    """How the run's features were made, for ``predict`` on new videos (not part of the run's hash): the store's
+    extraction config and where it was, the dimension of each stream the head reads, and the median length in
+    seconds of (up to 64 of) its training videos, the default window of a timeline."""
+    from pathlib import Path
+
+    seconds = []
+    for vid in train_ids[:: max(1, len(train_ids) // 64)][:64]:
+        try:
+            seconds.append(float(store.meta(vid)["duration"]))
+        except Exception:  # noqa: BLE001 - a store without durations: the timeline asks for --window
+            break
+    seconds = [s for s in seconds if np.isfinite(s) and s > 0]
+    dims = store.streams
+    return {"store": str(Path(getattr(store, "path", "")).resolve()) if getattr(store, "path", None) else None,
+            "store_config": getattr(store, "config", None), "store_classes": getattr(store, "classes", None),
+            "stream_dims": {s: int(dims[s]) for s in streams},
+            "video_seconds": float(np.median(seconds)) if seconds else None}

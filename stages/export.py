@@ -13,7 +13,7 @@
     OUT/README.md           a card: what it classifies, metrics on its test split, training data fingerprints,
                             how the features are made, how to run it
 
-``stages.predict.Predictor.load(OUT)`` and ``twostream predict OUT VIDEO`` read it without the store or the runs
+``pipeline.predictor.Predictor.load(OUT)`` and ``twostream predict OUT VIDEO`` read it without the store or the runs
 folder it came from.
 """
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
-from stages.predict import EMBEDDED_ORIGIN, MODEL_FILE, MODEL_FORMAT, FusionModel, Predictor
+from pipeline.predictor import EMBEDDED_ORIGIN, MODEL_FILE, MODEL_FORMAT, FusionModel, Predictor
 
 __all__ = ["export_model"]
 
@@ -157,6 +157,6 @@ def model_card(pred: Predictor, meta: dict) -> str:
         lines.append(f"- {k}: {rec['source_weights']} (sha256 {str(rec['source_sha256'])[:16]}): {where}")
     lines += ["", "## Classes", "", ", ".join(pred.classes), "", "## Use", "", "```",
               "twostream predict . VIDEO [--top 5] [--timeline]", "```", "", "```python",
-              "from stages.predict import Predictor", "scores = Predictor.load('.').predict('video.avi')  # [C]",
+              "from pipeline.predictor import Predictor", "scores = Predictor.load('.').predict('video.avi')  # [C]",
               "```", ""]
     return "\n".join(lines)

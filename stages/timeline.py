@@ -2,7 +2,7 @@
 
 Each window (``window`` seconds, every ``stride`` seconds) is treated as the model's training videos were: its frames
 are sampled with the store's sampling over the window alone, flow stacks start at those frames, and the head scores
-the window's features as it scored a test video (``stages.predict``). The video is decoded once; each sampled
+the window's features as it scored a test video (``pipeline.predictor``). The video is decoded once; each sampled
 frame's CNN features and each frame pair's flow are computed once, however many windows share them. The window
 defaults to the median length of the model's training videos, the context the head learned from.
 
@@ -81,12 +81,12 @@ def _plot(path: Path, centres: np.ndarray, probs: np.ndarray, classes: list[str]
 
 def timeline(pred, video: str | Path, window: float | None = None, stride: float | None = None,
              out_dir: str | Path | None = "timeline") -> dict:
-    """Scores of every window of ``video`` under ``pred`` (a ``stages.predict.Predictor``); writes the JSON and PNG
+    """Scores of every window of ``video`` under ``pred`` (a ``pipeline.predictor.Predictor``); writes the JSON and PNG
     into ``out_dir`` (None: nothing written). Returns the JSON's content plus ``json`` / ``png`` paths."""
     from pipeline.extraction import flow_stacks_for, flow_task
+    from pipeline.predictor import probabilities
     from pipeline.sampling import Sampling, sample_indices
     from pipeline.video import count_frames, decode
-    from stages.predict import probabilities
 
     if window is None:
         known = [h.record.get("video_seconds") for h in pred.heads()]

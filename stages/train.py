@@ -36,6 +36,7 @@ from pipeline.backbones import view_record
 from pipeline.clips import expand_network
 from pipeline.datasets import load_manifest
 from pipeline.errors import UserError
+from pipeline.extraction import extraction_record
 from pipeline.features import (
     FUSION_FOLD_SEED,
     VideoFeatures,
@@ -322,24 +323,6 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
          + (f", {metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else "")
          + ")")
     return RunResult(run.path, metrics, cached=False)
-
-
-def extraction_record(store, streams: tuple[str, ...], train_ids: list[str]) -> dict:
-    """How the run's features were made, for ``predict`` on new videos (not part of the run's hash): the store's
-    extraction config and where it was, the dimension of each stream the head reads, and the median length in
-    seconds of (up to 64 of) its training videos, the default window of a timeline."""
-    seconds = []
-    for vid in train_ids[:: max(1, len(train_ids) // 64)][:64]:
-        try:
-            seconds.append(float(store.meta(vid)["duration"]))
-        except Exception:  # noqa: BLE001 - a store without durations: the timeline asks for --window
-            break
-    seconds = [s for s in seconds if np.isfinite(s) and s > 0]
-    dims = store.streams
-    return {"store": str(Path(getattr(store, "path", "")).resolve()) if getattr(store, "path", None) else None,
-            "store_config": getattr(store, "config", None), "store_classes": getattr(store, "classes", None),
-            "stream_dims": {s: int(dims[s]) for s in streams},
-            "video_seconds": float(np.median(seconds)) if seconds else None}
 
 
 def _check_finite(scores: np.ndarray, what: str, cfg) -> None:

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 import pipeline.heads  # noqa: F401  (registers every head)
 from pipeline.demo_data import _write_avi, render_video, write_demo_dataset
+from pipeline.predictor import Predictor, list_videos, probabilities, top_k
 from pipeline.store import FeatureStore
-from stages.predict import Predictor, list_videos, probabilities, top_k
 from stages.timeline import segments, windows
 
 # ------------------------------------------------------------------------------------------------ pure parts

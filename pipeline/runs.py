@@ -10,6 +10,8 @@ seed, store and manifest fingerprints), holds::
     scores_val.npz      per-video class scores: ids, labels, scores [N, C] (raw: logits / decision values),
     scores_fusion.npz   classes, of validation, the fusion fold every run of the split holds out, and test.
     scores_test.npz     The input of score fusion: weights are fitted on the fusion fold, never on val or test.
+    extraction.json     how the store's features were made (its config, stream dims, training videos' median
+                        length): what ``predict`` needs to score new videos; not part of the hash
     train_log.jsonl     one JSON line per epoch
     learning_curve.png  train loss and val accuracy per epoch
     confusion.png       row-normalised test confusion matrix

@@ -275,6 +275,7 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
     assert not res.cached and res.path.name.startswith("test-mean-linear-")
     files = {p.name for p in res.path.iterdir()}
     assert files == {"config.json", "weights.safetensors", "metrics.json", "scores_val.npz", "scores_fusion.npz",
+                     "extraction.json",
                      "scores_test.npz", "train_log.jsonl", "learning_curve.png", "confusion.png", COMPLETE}
     m = json.loads((res.path / "metrics.json").read_text())
     for key in ("accuracy", "hit@1", "hit@5", "map", "per_class_ap", "per_class_accuracy", "n_test", "fit_seconds",

@@ -130,10 +130,12 @@ def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarr
     L = flow["stack"]
     if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
         return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
-    gray = (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
     pairs = pairs_for_stacks(len(frames), idx, L)
     a = np.array([p for p, _ in pairs])
-    fields = compute_flow(gray[a], gray[a + 1], method=flow["method"], device=flow["device"], **flow["params"])
+    need = np.unique(np.concatenate([a, a + 1]))  # grey only the frames some pair uses (a long video holds many more)
+    gray = (frames[need].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+    first, second = np.searchsorted(need, a), np.searchsorted(need, a + 1)
+    fields = compute_flow(gray[first], gray[second], method=flow["method"], device=flow["device"], **flow["params"])
     images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
     return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
 

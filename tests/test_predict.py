@@ -199,3 +199,18 @@ def test_fused_run_predicts_its_fused_scores(trained, tmp_path):
     shutil.rmtree(tmp_path / "runs")
     np.testing.assert_allclose(Predictor.load(alone, device="cpu").predict(data / str(z["ids"][0])), z["scores"][0],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_run_without_record_takes_its_own_store_only(trained, tmp_path):
+    from pipeline.errors import UserError
+    from tests.synthetic import write_ucf_store
+
+    _, store, run = trained
+    old = tmp_path / "runs" / run.name
+    shutil.copytree(run, old)
+    (old / "extraction.json").unlink()  # a run trained before runs recorded their extraction
+    assert Predictor.load(old, store=store).extractions == Predictor.load(run).extractions
+    _, other = write_ucf_store(tmp_path / "other", CLASSES)
+    with pytest.raises(UserError, match="is not the store"):
+        Predictor.load(old, store=other)

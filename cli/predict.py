@@ -70,13 +70,13 @@ def predict(model, inputs, k, out, weights, store, timeline, window, stride, tim
     videos = list_videos(inputs)
     if timeline:
         from stages.timeline import timeline as run_timeline
+        from stages.timeline import window_and_stride
 
+        window, stride = window_and_stride(predictor, window, stride)
         predictor.check_weights()
         for v in videos:
             try:
                 res = run_timeline(predictor, v, window=window, stride=stride, out_dir=timeline_dir)
-            except UserError:
-                raise
             except Exception as e:  # noqa: BLE001 - one video failing does not stop the others
                 click.echo(f"{v}: failed ({type(e).__name__}: {e})")
                 continue

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-__all__ = ["segments", "timeline", "windows"]
+__all__ = ["segments", "timeline", "window_and_stride", "windows"]
 
 MAX_TIMELINE_BYTES = 4 << 30  # decoded frames held at once
 
@@ -79,6 +79,20 @@ def _plot(path: Path, centres: np.ndarray, probs: np.ndarray, classes: list[str]
     plt.close(fig)
 
 
+def window_and_stride(pred, window: float | None, stride: float | None) -> tuple[float, float]:
+    """The window (default: the shortest median training-video length among the model's heads) and the stride
+    (default: a quarter window), checked."""
+    if window is None:
+        known = [s for s in (h.record.get("video_seconds") for h in pred.heads()) if s]
+        if not known:
+            raise UserError("the run does not record how long its training videos were: pass --window SECONDS")
+        window = float(min(known))
+    stride = window / 4 if stride is None else stride
+    if not (window > 0 and stride > 0):
+        raise UserError(f"--window and --stride must be > 0 seconds; got {window:g}, {stride:g}")
+    return window, stride
+
+
 def timeline(pred, video: str | Path, window: float | None = None, stride: float | None = None,
              out_dir: str | Path | None = "timeline") -> dict:
     """Scores of every window of ``video`` under ``pred`` (a ``pipeline.predictor.Predictor``); writes the JSON and PNG
@@ -88,22 +102,14 @@ def timeline(pred, video: str | Path, window: float | None = None, stride: float
     from pipeline.sampling import Sampling, sample_indices
     from pipeline.video import count_frames, decode
 
-    if window is None:
-        known = [h.record.get("video_seconds") for h in pred.heads()]
-        known = [s for s in known if s]
-        if not known:
-            raise UserError("the run does not record how long its training videos were: pass --window SECONDS")
-        window = float(min(known))
-    stride = window / 4 if stride is None else stride
-    if not (window > 0 and stride > 0):
-        raise UserError(f"--window and --stride must be > 0 seconds; got {window}, {stride}")
+    window, stride = window_and_stride(pred, window, stride)
     video = Path(video)
     per_key: dict[str, list] = {}
     spans = None
     for key, cfg in pred.extractions.items():
         n, fps, (h, w) = count_frames(video, cfg.get("decoder", "auto"))
         if n * h * w * 3 > MAX_TIMELINE_BYTES:
-            raise UserError(f"{video}: {n} frames of {w}x{h} do not fit in memory for a timeline; cut it into parts")
+            raise MemoryError(f"{n} frames of {w}x{h} do not fit in memory for a timeline; cut the video into parts")
         dec = decode(video, cfg.get("decoder", "auto"))
         frames, n, fps = dec.frames, dec.n_frames, dec.fps
         spans = windows(n, fps, window, stride) if spans is None else spans

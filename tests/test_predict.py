@@ -165,8 +165,9 @@ def test_timeline_finds_the_cut_between_two_actions(trained, tmp_path, run_cli):
     b = render_video("StripeDrift", 7, 2, 1, frames=48)
     video = tmp_path / "two_actions.avi"
     _write_avi(video, np.concatenate([a, b]), 25.0)
-    code, out = run_cli("predict", run, video, "--timeline", "--timeline-dir", tmp_path / "tl", "--quiet")
-    assert code == 0, out
+    code, out = run_cli("predict", run, video, tmp_path / "missing.avi", "--timeline", "--timeline-dir",
+                        tmp_path / "tl", "--quiet")
+    assert code == 0 and "missing.avi: failed" in out, out
     res = json.loads((tmp_path / "tl" / "two_actions.avi.timeline.json").read_text())
     assert (tmp_path / "tl" / "two_actions.avi.timeline.png").stat().st_size > 0
     window, cut = res["window"], 48 / 25

@@ -50,3 +50,31 @@ def data_warnings(metrics: dict) -> list[str]:
     """A run's warnings about its data and protocol, without the did-not-learn verdict (tests that train one epoch
     on purpose check the former; the verdict has tests of its own)."""
     return [w for w in metrics["warnings"] if not w.startswith("did not learn")]
+
+
+def run_over_store(store: Path, tmp: Path) -> Path:
+    """A complete run directory of an (untrained) temporal-pool head over ``store``'s features: enough for
+    ``Predictor`` to rebuild the store's extraction."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    import pipeline.heads  # noqa: F401  (registers every head)
+    from pipeline.extraction import extraction_record
+    from pipeline.training import build_head, resolve_configs
+
+    fs = FeatureStore.open(store)
+    streams = tuple(fs.streams)
+    run = tmp / "runs" / "temporal-pool-000000000000"
+    run.mkdir(parents=True)
+    head_cfg, cfg = resolve_configs("temporal-pool", {"frames": "0"})
+    dims = tuple(fs.streams[s] for s in streams)
+    head = build_head("temporal-pool", head_cfg, sum(dims), len(fs.classes), dims, 0)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "weights.safetensors"))
+    (run / "config.json").write_text(json.dumps({"head": "temporal-pool", "head_config": asdict(head_cfg),
+                                                 "train": asdict(cfg), "streams": list(streams), "split": 1,
+                                                 "classes": fs.classes}))
+    (run / "extraction.json").write_text(json.dumps(extraction_record(fs, streams, [])))
+    (run / "COMPLETE").write_text("x\n")
+    return run

@@ -98,7 +98,7 @@ def trained(tmp_path_factory):
     data = write_demo_dataset(root / "data", classes=CLASSES, groups=6, clips=1, frames=24)
     store, runs = root / "store", root / "runs"
     main(["extract", str(data), "--out", str(store), "--streams", "rgb,flow", "--flow", "dis", "--flow-stack", "2",
-          "--frames", "4", "--workers", "0", "--quiet"])
+          "--frames", "4", "--workers", "1", "--quiet"])
     main(["train", str(store), "--dataset", str(data), "--split", "1", "--head", "temporal-pool", "--set", "frames=4",
           "--out", str(runs)])
     run = next(p for p in runs.iterdir() if p.is_dir())
@@ -215,3 +215,27 @@ def test_run_without_record_takes_its_own_store_only(trained, tmp_path):
     _, other = write_ucf_store(tmp_path / "other", CLASSES)
     with pytest.raises(UserError, match="is not the store"):
         Predictor.load(old, store=other)
+
+
+@pytest.mark.slow
+def test_export_carries_cnn_weights_that_ship_with_no_package(trained, tmp_path, run_cli):
+    """Random (or fine-tuned, or any local file's) CNN weights are copied into the model as safetensors, and the
+    copy gives the store's features bit for bit."""
+    from tests.synthetic import run_over_store
+
+    data, _, _ = trained
+    store = tmp_path / "store"
+    code, out = run_cli("extract", data, "--out", store, "--streams", "rgb,flow", "--flow", "dis", "--flow-stack", "2",
+                        "--frames", "2", "--weights", "random", "--limit", "2", "--workers", "1", "--quiet")
+    assert code == 0, out
+    run = run_over_store(store, tmp_path)
+    code, out = run_cli("export", run, "--out", tmp_path / "model")
+    assert code == 0, out
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert all(rec["file"] and rec["origin"].startswith("random") for rec in meta["cnn"].values())
+    shutil.copytree(tmp_path / "model", tmp_path / "elsewhere")
+    pred = Predictor.load(tmp_path / "elsewhere", device="cpu")
+    fs = FeatureStore.open(store)
+    for vid in fs.ids():
+        (feats,) = pred.features(data / vid).values()
+        assert all(np.array_equal(feats[s], fs.get(vid, s)) for s in ("rgb", "flow")), vid

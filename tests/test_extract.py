@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -17,30 +16,14 @@ from pipeline.sampling import Sampling, sample_indices
 from pipeline.store import FeatureStore
 from pipeline.video import choose_backend, decode
 from stages.isolation import isolated_map
+from tests.synthetic import write_tiny_folders, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_video(path: Path, n: int, h: int = 48, w: int = 64, seed: int = 0, gray: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h), isColor=not gray)
-    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    for i in range(n):
-        frame = np.roll(base, 2 * i, axis=1)
-        vw.write(frame[..., 0].copy() if gray else frame)
-    vw.release()
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    """Folder-per-class layout: 2 classes x 3 videos of 12-30 frames."""
-    root = tmp_path_factory.mktemp("tiny")
-    for c, cls in enumerate(["left", "right"]):
-        for k in range(3):
-            write_video(root / cls / f"{cls}{k}.avi", 12 + 6 * k, seed=10 * c + k)
-    return root
+    return write_tiny_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def run_cli_subprocess(*args) -> tuple[int, str]:

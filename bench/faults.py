@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/faults.py` from anywhere: the tests import the package and tests/
 
 
 class Catalogue:
@@ -29,8 +30,8 @@ class Catalogue:
     def __init__(self):
         self.cases: dict[str, dict] = {}
 
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
+    def pytest_collection_finish(self, session):
+        for item in session.items:  # after -m / -k deselection: only the cases that will run
             doc = (getattr(item, "obj", None).__doc__ or "").strip().splitlines()
             self.cases[item.nodeid] = {"case": doc[0].rstrip(".") if doc else item.name, "outcome": "not run",
                                        "seconds": 0.0}
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.k:
         pytest_args += ["-k", args.k]
     t0 = time.perf_counter()
-    pytest.main(pytest_args, plugins=[cat])
+    code = pytest.main(pytest_args, plugins=[cat])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        print(f"pytest could not run the catalogue (exit {int(code)}); see above")
+        return 2
     tried = [c for c in cat.cases.values() if c["outcome"] != "skipped"]
     survived = [c for c in tried if c["outcome"] == "passed"]
     print()

@@ -6,6 +6,8 @@ Layout of a store directory::
       store.json            schema version, full extraction config and its hash, class names, package version
       parts/NAME-000000.h5  committed parts; each holds several videos, written once, never modified
       parts/NAME-000000.h5.sha256   the part's sha256, recorded at commit (``sha256sum -c`` format)
+      index.npz             the readers' index: per video its part, rows, source sha256 and feature digest,
+                            and the size and mtime of every part it covers (rebuilt when parts change)
       errors.jsonl          one JSON line per failed video: id, stage, error (class or signal), message
       writer.lock           advisory lock of the process writing the store (shards: shards/NAME.lock)
       quarantine/           parts that ``verify --repair`` moved aside (never deleted)
@@ -22,6 +24,11 @@ digest of its stored features (``digests``), which :attr:`FeatureStore.fingerpri
 
 Parts are named by writer (``NAME``): every writer process has a name of its own (host, pid and a random
 token, or its shard), so writers on many machines can share one store.
+
+Opening reads ``index.npz`` (sorted arrays: a lookup is a binary search) and the size and mtime of each part, not
+the parts: opening a store of a million videos takes a fraction of a second. Parts committed after the index was
+written are read and folded in; a part that changed size or mtime, or vanished (``verify --repair``), makes the
+reader rebuild the index from every part, saying so. Readers rewrite the index when they had to update it.
 """
 
 from __future__ import annotations
@@ -294,21 +301,161 @@ def committed_parts(path: Path, name: str | None = None) -> list[Path]:
     return sorted((Path(path) / "parts").glob(pattern))
 
 
+INDEX_NAME = "index.npz"
+INDEX_VERSION = 1
+
+
+def _stamp(part: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a committed part: parts are written once, so any change means damage or repair."""
+    st = part.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _enc(values: Iterable[str]) -> np.ndarray:
+    """Strings as a fixed-width bytes array (utf-8): sortable and searchable in numpy, loadable without pickle."""
+    out = np.array([v.encode() for v in values], dtype=np.bytes_)
+    return out if out.size else np.zeros(0, "S1")
+
+
+@dataclass
+class StoreIndex:
+    """Every (video, part) row of a store, sorted by video id and then part name: the first row of an id is the
+    one readers use (the first part in name order), later rows are duplicates. Arrays, so that a million
+    videos load and search in milliseconds."""
+
+    parts: list[str]                     # part names, sorted; ``part`` indexes this list
+    stamps: list[tuple[int, int]]        # (size, mtime_ns) of each part when indexed
+    streams: dict[str, tuple[int, ...]]
+    ids: np.ndarray                      # [R] bytes, sorted
+    part: np.ndarray                     # [R] int32
+    start: np.ndarray                    # [R] int64
+    stop: np.ndarray                     # [R] int64
+    source: np.ndarray                   # [R] bytes: source file sha256 ("" when not recorded)
+    digest: np.ndarray                   # [R] bytes: feature digest ("" for parts written before digests)
+    fingerprint: str | None = None
+
+    @classmethod
+    def build(cls, indexes: list[PartIndex]) -> StoreIndex:
+        """From the per-part indexes (``read_part_index``) of a store's parts, in any order."""
+        indexes = sorted(indexes, key=lambda p: p.path.name)
+        streams: dict[str, tuple[int, ...]] = {}
+        for p in indexes:
+            for name, shape in p.streams.items():
+                if streams.setdefault(name, shape) != shape:
+                    raise DamagedPart(p.path, f"stream {name} has frame shape {shape}, other parts {streams[name]}")
+        ids = _enc(v for p in indexes for v in p.ids)
+        part = np.concatenate([np.full(len(p.ids), k, np.int32) for k, p in enumerate(indexes)] or [np.zeros(0, np.int32)])
+        start = np.concatenate([p.offsets[:-1] for p in indexes] or [np.zeros(0)]).astype(np.int64)
+        stop = np.concatenate([p.offsets[1:] for p in indexes] or [np.zeros(0)]).astype(np.int64)
+        source = _enc(v for p in indexes for v in p.sources)
+        digest = _enc(d for p in indexes for d in (p.digests if p.digests is not None else [""] * len(p.ids)))
+        order = np.lexsort((part, ids))  # by id, then by part name
+        return cls([p.path.name for p in indexes], [_stamp(p.path) for p in indexes], streams, ids[order],
+                   part[order], start[order], stop[order], source[order], digest[order])
+
+    def extend(self, new: list[PartIndex]) -> StoreIndex:
+        """This index plus parts committed since (``new``), renumbered into name order."""
+        if not new:
+            return self
+        names = sorted(self.parts + [p.path.name for p in new])
+        remap = np.array([names.index(n) for n in self.parts], np.int32) if self.parts else np.zeros(0, np.int32)
+        added = StoreIndex.build(new)
+        for name, shape in added.streams.items():
+            if self.streams.setdefault(name, shape) != shape:
+                raise DamagedPart(new[0].path, f"stream {name} has frame shape {shape}, other parts {self.streams[name]}")
+        added_remap = np.array([names.index(n) for n in added.parts], np.int32)
+        stamps = dict(zip(self.parts, self.stamps)) | dict(zip(added.parts, added.stamps))
+        part = np.concatenate([remap[self.part], added_remap[added.part]]).astype(np.int32)
+        ids = np.concatenate([self.ids, added.ids])
+        order = np.lexsort((part, ids))
+        cols = [np.concatenate([a, b])[order] for a, b in ((self.start, added.start), (self.stop, added.stop),
+                                                           (self.source, added.source), (self.digest, added.digest))]
+        return StoreIndex(names, [stamps[n] for n in names], self.streams, ids[order], part[order], *cols)
+
+    @property
+    def first(self) -> np.ndarray:
+        """[R] bool: the row a reader uses for its id (the first part in name order)."""
+        return np.r_[True, self.ids[1:] != self.ids[:-1]] if len(self.ids) else np.zeros(0, bool)
+
+    def save(self, path: Path) -> None:
+        meta = {"version": INDEX_VERSION, "parts": self.parts, "stamps": self.stamps,
+                "streams": {k: list(v) for k, v in self.streams.items()}, "fingerprint": self.fingerprint}
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), ids=self.ids, part=self.part, start=self.start,
+                 stop=self.stop, source=self.source, digest=self.digest)
+        tmp = _partial_name(path)
+        _write_new_file(tmp, buf.getvalue())
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> StoreIndex | None:
+        """The saved index, or None when there is none or it cannot be read (it is then rebuilt from the parts)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("version") != INDEX_VERSION:
+                    return None
+                arrays = {k: z[k] for k in ("ids", "part", "start", "stop", "source", "digest")}
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError):
+            return None
+        n = len(arrays["ids"])
+        if any(len(a) != n for a in arrays.values()) or len(meta["parts"]) != len(meta["stamps"]):
+            return None
+        return cls(meta["parts"], [tuple(s) for s in meta["stamps"]],
+                   {k: tuple(v) for k, v in meta["streams"].items()}, fingerprint=meta.get("fingerprint"), **arrays)
+
+
+def load_store_index(path: Path, parts: list[Path], log=None) -> tuple[StoreIndex, bool]:
+    """The index of the store at ``path`` over its committed ``parts``: the saved one when it covers them
+    unchanged, extended by parts committed since, or rebuilt from every part when an indexed part changed or
+    vanished (``log`` says so once the rebuild succeeded). Returns (index, whether it differs from the saved one)."""
+    saved = StoreIndex.load(path / INDEX_NAME)
+    on_disk = {p.name: p for p in parts}
+    if saved is not None:
+        changed = [n for n, st in zip(saved.parts, saved.stamps) if n not in on_disk or _stamp(on_disk[n]) != st]
+        if changed:
+            index = StoreIndex.build([read_part_index(p) for p in parts])  # a damaged part raises, naming it
+            if log:
+                log(f"{path}: {len(changed)} part(s) changed or removed since the index was written "
+                    f"(e.g. {changed[0]}); rebuilt the index from {len(parts)} parts")
+            return index, True
+    if saved is None:
+        return StoreIndex.build([read_part_index(p) for p in parts]), True
+    known = set(saved.parts)
+    new = [read_part_index(p) for p in parts if p.name not in known]
+    return saved.extend(new), bool(new)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 class FeatureStore:
     """Read-only view of the committed videos of a store. ``FeatureStore.open(path)``."""
 
-    def __init__(self, path: Path, header: dict, parts: list[Path], index: dict[str, tuple[int, int, int]],
-                 streams: dict[str, tuple[int, ...]], provenance: dict[str, tuple[str, str | None]] | None = None,
-                 duplicates: dict[str, list[str]] | None = None):
+    def __init__(self, path: Path, header: dict, index: StoreIndex):
         self.path = path
         self.header = header
-        self.parts = parts
-        self._index = index  # video id -> (part number, start, stop) rows of that part
-        self._stream_shapes = streams
-        self._provenance = provenance or {}  # video id -> (source sha256, feature digest or None)
-        self.duplicates = duplicates or {}  # video id -> part names holding it (the first is the one read)
+        self.parts = [path / "parts" / n for n in index.parts]
+        self._idx = index
+        first = index.first
+        self._rows = np.flatnonzero(first)  # the row read for each id, in id order
+        self._uids = index.ids[first]       # sorted unique ids (bytes)
+        self._stream_shapes = index.streams
+        self._ids: list[str] | None = None
+        self.duplicates: dict[str, list[str]] = {}  # video id -> part names holding it (the first is the one read)
+        counts = np.diff(np.r_[self._rows, len(index.ids)])
+        for k in np.flatnonzero(counts > 1):
+            r = self._rows[k]
+            self.duplicates[index.ids[r].decode()] = [index.parts[j] for j in index.part[r:r + counts[k]]]
         self._files: dict[int, h5py.File] = {}
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = index.fingerprint
 
     # -- opening ---------------------------------------------------------------------------------------
     @staticmethod
@@ -328,32 +475,29 @@ class FeatureStore:
         return header
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> FeatureStore:
-        """Index every committed part (small datasets only: opening stays cheap; ``verify`` reads the data).
+    def open(cls, path: str | os.PathLike, log=_note) -> FeatureStore:
+        """Open a store through its index (``index.npz``; module docstring): parts committed since it was written
+        are read and folded in, and it is rebuilt from every part when an indexed part changed or vanished.
 
         A part that cannot be read or whose offsets disagree with its datasets raises ``DamagedPart`` naming it.
         A video in two parts (writers that raced) is read from the first part in name order, deterministically,
-        and listed in ``duplicates``.
+        and listed in ``duplicates``. The updated index is saved when the store can be written (else kept in memory).
         """
         path = Path(path)
         header = cls.read_header(path)
-        parts = committed_parts(path)
-        index: dict[str, tuple[int, int, int]] = {}
-        provenance: dict[str, tuple[str, str | None]] = {}
-        duplicates: dict[str, list[str]] = {}
-        streams: dict[str, tuple[int, ...]] = {}
-        for i, part in enumerate(parts):
-            p = read_part_index(part)
-            for name, shape in p.streams.items():
-                if streams.setdefault(name, shape) != shape:
-                    raise DamagedPart(part, f"stream {name} has frame shape {shape}, other parts {streams[name]}")
-            for j, vid in enumerate(p.ids):
-                if vid in index:
-                    duplicates.setdefault(vid, [parts[index[vid][0]].name]).append(part.name)
-                    continue
-                index[vid] = (i, int(p.offsets[j]), int(p.offsets[j + 1]))
-                provenance[vid] = (p.sources[j], p.digests[j] if p.digests is not None else None)
-        return cls(path, header, parts, index, streams, provenance, duplicates)
+        index, changed = load_store_index(path, committed_parts(path), log)
+        fs = cls(path, header, index)
+        if changed:
+            fs._save_index()
+        return fs
+
+    def _save_index(self) -> None:
+        if self._idx.fingerprint is None and all(self._idx.digest[self._rows]):
+            self._idx.fingerprint = self.fingerprint  # cheap here (every digest recorded): saved for the next open
+        try:
+            self._idx.save(self.path / INDEX_NAME)
+        except OSError:
+            pass  # a read-only store: readers index it in memory each time
 
     @staticmethod
     def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str | None = None,
@@ -380,13 +524,28 @@ class FeatureStore:
         return self._stream_shapes[stream]
 
     def ids(self) -> list[str]:
-        return sorted(self._index)
+        """Committed video ids, sorted."""
+        if self._ids is None:
+            self._ids = [v.decode() for v in self._uids.tolist()]
+        return list(self._ids)
+
+    def _find(self, video_id: str) -> int | None:
+        """Row of ``video_id`` in the index (binary search), None when it is not committed."""
+        key = video_id.encode()
+        k = int(np.searchsorted(self._uids, key))
+        return int(self._rows[k]) if k < len(self._uids) and self._uids[k] == key else None
 
     def __contains__(self, video_id: str) -> bool:
-        return video_id in self._index
+        return self._find(video_id) is not None
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._uids)
+
+    def locations(self) -> Iterable[tuple[str, tuple[int, int, int]]]:
+        """(video id, (part number, start row, stop row)) of every committed video, in id order."""
+        idx = self._idx
+        for vid, r in zip(self.ids(), self._rows.tolist()):
+            yield vid, (int(idx.part[r]), int(idx.start[r]), int(idx.stop[r]))
 
     def lengths(self, ids: Iterable[str]) -> list[int]:
         """Stored frames T of each video (from the index: no data read)."""
@@ -398,12 +557,11 @@ class FeatureStore:
         changes when any video's features or source file change. Parts written before feature digests were
         recorded get theirs computed from the stored data (one read of those parts)."""
         if self._fingerprint is None:
+            idx = self._idx
             h = hashlib.sha256(self.header["config_hash"].encode())
-            for vid in self.ids():
-                source, digest = self._provenance.get(vid, ("", None))
-                if digest is None:
-                    digest = self.stored_digest(vid)
-                h.update(f"{vid}\0{source}\0{digest}\n".encode())
+            for vid, r in zip(self._uids.tolist(), self._rows.tolist()):
+                digest = idx.digest[r] or self.stored_digest(vid.decode()).encode()
+                h.update(b"%s\0%s\0%s\n" % (vid, idx.source[r], digest))
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -415,7 +573,7 @@ class FeatureStore:
 
     def errors(self) -> list[dict]:
         """Latest error of each video that is not committed (a later success supersedes an error)."""
-        return [e for e in read_errors(self.path) if e.get("id") not in self._index]
+        return [e for e in read_errors(self.path) if e.get("id") not in self]
 
     # -- reading -------------------------------------------------------------------------------------
     def _file(self, i: int) -> h5py.File:
@@ -437,10 +595,11 @@ class FeatureStore:
             raise StoreError(f"{self.path} has no stream {stream!r}; it has: {', '.join(self.streams) or 'none'}")
 
     def _locate(self, video_id: str) -> tuple[int, int, int]:
-        try:
-            return self._index[video_id]
-        except KeyError:
-            raise StoreError(f"{self.path} has no committed video {video_id!r}") from None
+        r = self._find(video_id)
+        if r is None:
+            raise StoreError(f"{self.path} has no committed video {video_id!r}")
+        idx = self._idx
+        return int(idx.part[r]), int(idx.start[r]), int(idx.stop[r])
 
     def get(self, video_id: str, stream: str = "rgb") -> np.ndarray:
         """Features of one video: ``[T, D]`` float16 (spatial maps flattened; see ``frame_shape``)."""
@@ -491,7 +650,7 @@ class FeatureStore:
             "path": str(self.path),
             "videos": len(self),
             "streams": self.streams,
-            "frames": int(sum(b - a for _, a, b in self._index.values())),
+            "frames": int((self._idx.stop[self._rows] - self._idx.start[self._rows]).sum()),
             "parts": len(self.parts),
             "errors": len(errors),
             "duplicates": len(self.duplicates),

@@ -368,8 +368,8 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
             "shards": n,
             "parts": {p: (store / "parts" / p).stat().st_size for p in parts},
             "streams": {k: list(v) for k, v in fs._stream_shapes.items()},
-            "videos": {vid: [parts[k], a, b] for vid, (k, a, b) in sorted(fs._index.items())},
-            "failed": sorted({v for doc in manifests.values() for v in doc["failed"]} - set(fs._index)),
+            "videos": {vid: [parts[k], a, b] for vid, (k, a, b) in fs.locations()},
+            "failed": sorted({v for doc in manifests.values() for v in doc["failed"]} - set(fs.ids())),
             "duplicates": fs.duplicates,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

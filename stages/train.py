@@ -211,8 +211,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         run.claim(echo)  # from here this process alone writes the run (waits while another process trains it)
     if run.complete:
         run.release()
-        echo(f"cached: {run.path}")
-        return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+        metrics = run.read_json("metrics.json")
+        echo(f"cached: {result_line(run.path, metrics)}")
+        return RunResult(run.path, metrics, cached=True)
 
     if store.classes and store.classes != manifest.classes:
         warnings.warn(f"the store was built with other class names than {job.dataset}; labels come from the dataset",
@@ -254,8 +255,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
             run.release()  # the run is now named by the rate found; claimed again by run.start()
             run = RunDir(job.out, job.head, config)
             if run.complete:
-                echo(f"cached: {run.path}")
-                return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+                metrics = run.read_json("metrics.json")
+                echo(f"cached: {result_line(run.path, metrics)}")
+                return RunResult(run.path, metrics, cached=True)
         run.start()
         write_lr_find(run.path, lr_find)
         echo(f"{run.path / 'lr_find.png'}")
@@ -316,11 +318,24 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.plot_learning_curve(fitted["history"])
     run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
-    echo(f"{run.path}: accuracy {100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  "
-         f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']}"
-         + (f", {metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else "")
-         + ")")
+    echo(result_line(run.path, metrics))
     return RunResult(run.path, metrics, cached=False)
+
+
+def result_line(path: Path, metrics: dict) -> str:
+    """One line of a finished run's test metrics; a cached run prints the same line after ``cached:``."""
+
+    def pct(key: str) -> str:
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    extra = [f"{metrics['n_test']} test videos" if "n_test" in metrics else None,
+             f"best epoch {metrics['best_epoch']}" if metrics.get("best_epoch") is not None else None,
+             f"{metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else None,
+             "did not learn" if metrics.get("did_not_learn") else None]
+    extra = [e for e in extra if e]
+    return (f"{path}: accuracy {pct('accuracy')}  hit@5 {pct('hit@5')}  mAP {pct('map')}"
+            + (f"  ({', '.join(extra)})" if extra else ""))
 
 
 def _check_finite(scores: np.ndarray, what: str, cfg) -> None:

@@ -132,10 +132,9 @@ def _show(value) -> str:
 def heads(pattern):
     """List registered heads (matching PATTERN) with their config keys, defaults and training defaults."""
     import pipeline.heads  # noqa: F401  (registers every head)
+    from pipeline.errors import UserError
     from pipeline.registry import HEADS, config_fields
     from pipeline.training import TRAIN_KEYS, TrainConfig, recipe_values
-
-    from pipeline.errors import UserError
 
     names = HEADS.names(pattern)
     if not names:

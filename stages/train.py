@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,8 @@ from pipeline.training import (
     resolve_device,
 )
 
-__all__ = ["EARLY_FUSION_NOTE", "RunResult", "SplitFolds", "TrainJob", "check_store_split", "default_streams",
-           "split_folds", "store_for_split", "train", "train_late_fusion", "train_splits"]
+__all__ = ["EARLY_FUSION_NOTE", "RunPlan", "RunResult", "SplitFolds", "TrainJob", "check_store_split",
+           "default_streams", "plan_run", "result_line", "split_folds", "store_for_split", "train", "train_late_fusion", "train_splits"]
 
 RUN_FORMAT = 2  # bump when the run directory's content changes meaning, so old runs are not reused
 FUSION_FOLD = 0.1  # share of each class's training videos every run holds out for score fusion
@@ -169,9 +170,24 @@ def check_store_split(job: TrainJob, open_store: Callable = FeatureStore.open,
     check_split(seen, streams, job.split, [it.id for it in test_items], {})
 
 
-def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
-          open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
-    """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
+@dataclass
+class RunPlan:
+    """What ``train`` resolves before any feature is loaded: configs, store, manifest, folds, and the run's name."""
+
+    entry: Any
+    head_cfg: Any
+    cfg: Any
+    store: Any
+    manifest: Any
+    streams: tuple[str, ...]
+    folds: SplitFolds
+    config: dict
+    run: RunDir
+
+
+def plan_run(job: TrainJob, open_store: Callable = FeatureStore.open,
+             open_manifest: Callable = load_manifest) -> RunPlan:
+    """Resolve ``job`` into its run directory without training (``sweep --dry-run`` marks the finished ones)."""
     entry = HEADS.get(job.head)
     head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
     store = open_store(store_for_split(job.store, job.split))
@@ -184,7 +200,6 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     # -- data: the split joined with the store; the fusion fold, then validation, carved from train by group,
     #    never from videos a fine-tuned CNN was trained on; a split whose test videos a CNN saw is refused
     folds = split_folds(job, store, manifest, streams, cfg.val_fraction, cfg.seed)
-    train_items, val_items, fusion_items, test_items = folds.train, folds.val, folds.fusion, folds.test
 
     # -- the run's name: a hash of everything that decides its result
     config = {
@@ -206,7 +221,16 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         config["finetuned"] = folds.finetuned
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
-    run = RunDir(job.out, job.head, config)
+    return RunPlan(entry, head_cfg, cfg, store, manifest, streams, folds, config, RunDir(job.out, job.head, config))
+
+
+def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
+          open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
+    """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
+    plan = plan_run(job, open_store, open_manifest)
+    entry, head_cfg, cfg, store, manifest = plan.entry, plan.head_cfg, plan.cfg, plan.store, plan.manifest
+    streams, folds, config, run = plan.streams, plan.folds, plan.config, plan.run
+    train_items, val_items, fusion_items, test_items = folds.train, folds.val, folds.fusion, folds.test
     if not run.complete:
         run.claim(echo)  # from here this process alone writes the run (waits while another process trains it)
     if run.complete:

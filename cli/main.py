@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sweep": ("cli.sweep", "sweep", "Stage two, many runs: a sweep file of heads and grids (resumable)."),
     "report": ("cli.sweep", "report", "Leaderboard and HTML report over finished runs."),
     "fuse": ("cli.sweep", "fuse", "Fuse the per-video scores of finished runs (weights by cross-validation)."),
+    "split": ("cli.split", "split", "Write a train/test split (DATASET/manifest.csv) for videos in class folders."),
     "doctor": ("cli.doctor", "doctor", "What this machine gives the project: decoders, CUDA, threads, disk, weights."),
 }
 

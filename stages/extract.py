@@ -421,11 +421,11 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
         bar, eta = warm_bar(len(todo), disable=not opts.progress)  # time left measured after the first video
 
         def step() -> None:
-            bar.update(1)
             eta.update(1)
             rate = eta.rate()  # videos/s after the warm-up
             frames_s = "?" if rate is None else f"{rate * summary.frames / max(summary.done, 1):.1f}"
-            bar.set_postfix_str(f"left {eta.text()}, frames/s {frames_s}, failed {summary.failed}")
+            bar.set_postfix_str(f"left {eta.text()}, frames/s {frames_s}, failed {summary.failed}", refresh=False)
+            bar.update(1)
 
         for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=_worker_init):
             if not res.ok:

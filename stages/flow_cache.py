@@ -256,11 +256,11 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
             _log_error(out, res.key, "flow", res.error, res.message)
             summary.failed += 1
             summary.failures.append({"id": res.key, "error": res.error, "message": res.message})
-        bar.update(1)
         eta.update(1)
         pairs = summary.frames - summary.done
         bar.set_postfix_str(f"left {eta.text()}, pairs/s {pairs / max(summary.seconds['flow'], 1e-9):.1f}, "
-                            f"failed {summary.failed}")
+                            f"failed {summary.failed}", refresh=False)
+        bar.update(1)
     bar.close()
     if opts.retry_failed and failed_before:  # drop the lines of videos that now have their flow
         keep = [e for e in read_errors(out) if not _video_file(out, e["id"]).is_file()]

@@ -65,7 +65,7 @@ class WarmEta:
         left = self.seconds_left()
         if left is not None:
             return format_seconds(left)
-        return "after warm-up" if self.done < 2 else "?"
+        return "? (warm-up)" if self.done < 2 else "?"
 
 
 def warm_bar(total: int, disable: bool, desc: str | None = None, unit: str = "video"):

@@ -90,7 +90,7 @@ class Clock:
 def test_time_left_ignores_the_first_videos_warm_up():
     clock = Clock()
     eta = WarmEta(10, clock=clock)
-    assert eta.seconds_left() is None and eta.text() == "after warm-up"
+    assert eta.seconds_left() is None and eta.text() == "? (warm-up)"
     clock.t = 120.0  # the first video: worker start, model warm-up, first decode
     eta.update()
     assert eta.seconds_left() is None and eta.warmup_seconds == 120.0

@@ -189,3 +189,51 @@ def test_doctor_reports_this_machine(run_cli, tmp_path):
     code, out = run_cli("doctor", "--skip-weights", "--json", "--store", tmp_path)
     facts = json.loads(out)["facts"]
     assert code == 0 and facts["weights"] is None and facts["usable_cores"] >= 1 and facts["disk"]["free"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- defaults, split
+
+
+def test_extract_defaults_are_both_streams_and_help_says_so(run_cli):
+    import click
+
+    from cli.main import cli
+
+    command = cli.get_command(click.Context(cli), "extract")
+    defaults = {p.name: p.default for p in command.params}
+    assert defaults["streams"] == "rgb,flow" and defaults["flow_method"] == "tvl1" and defaults["workers"] == 1
+    code, out = run_cli("extract", "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and "[default: rgb,flow]" in flat and "[default: tvl1]" in flat and "--flow dis" in flat
+
+
+def test_split_writes_a_group_split_that_every_command_reads(tmp_path, run_cli):
+    from pipeline.datasets import load_manifest
+
+    root = tmp_path / "videos"
+    for c in ("cat", "dog"):
+        for g in range(1, 5):
+            for k in range(1, 3):  # UCF101-style names: two clips per group
+                (root / c).mkdir(parents=True, exist_ok=True)
+                (root / c / f"v_{c}_g{g:02d}_c{k:02d}.avi").touch()
+    with pytest.raises(Exception, match="no train/test split"):
+        load_manifest(root).split(1)
+    code, out = run_cli("split", root, "--test-fraction", "0.25")
+    assert code == 0 and "16 videos of 2 classes, 12 train / 4 test" in out, out
+    m = load_manifest(root)
+    train, test = m.split(1)
+    assert m.source == "csv" and len(train) == 12 and len(test) == 4
+    assert {v.group for v in train}.isdisjoint({v.group for v in test})  # clips of one group on one side
+    assert {m.classes[v.label] for v in test} == {"cat", "dog"}  # every class tested
+    code, out = run_cli("split", root)
+    assert code == 2 and "already defines split(s) 1" in _one_line(out)
+    ucf = tmp_path / "ucf"
+    (ucf / "splits").mkdir(parents=True)
+    (ucf / "A").mkdir()
+    for g in (1, 2):
+        (ucf / "A" / f"v_A_g0{g}_c01.avi").touch()
+    (ucf / "splits" / "classInd.txt").write_text("1 A\n")
+    (ucf / "splits" / "trainlist01.txt").write_text("A/v_A_g01_c01.avi 1\n")
+    (ucf / "splits" / "testlist01.txt").write_text("A/v_A_g02_c01.avi\n")
+    code, out = run_cli("split", ucf)
+    assert code == 2 and "already defines" in _one_line(out) and not (ucf / "manifest.csv").exists()

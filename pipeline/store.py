@@ -189,15 +189,44 @@ def write_error(store: Path, what: str, e: OSError) -> StoreWriteError:
                            "once this is fixed")
 
 
-def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys on which two (nested) configs differ."""
+_ABSENT = object()
+
+
+def _short(value, width: int = 48) -> str:
+    """A config value in a few words: a long list as its length, a mapping as its keys, anything long cut."""
+    if value is _ABSENT:
+        return "absent"
+    if isinstance(value, dict):
+        text = f"set ({', '.join(sorted(map(str, value)))})"
+    elif isinstance(value, list) and len(value) > 6:
+        text = f"[{len(value)} values]"
+    elif isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40,}", value):  # a digest: its first digits tell it
+        text = f'"{value[:12]}..."'
+    else:
+        text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "", labels: tuple[str, str] = ("store", "requested")) -> list[str]:
+    """The keys on which two (nested) configs differ, one short line each: ``key: A (store) vs B (requested)``.
+
+    Only differing leaves are named (``backbones.rgb.weights_sha256``), never whole dicts; a long list is named by
+    its length and its first differing index, so a 20-channel mean does not fill the screen.
+    """
     out = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, f"{prefix}{key}.")
-        elif json.dumps(va, sort_keys=True, default=str) != json.dumps(vb, sort_keys=True, default=str):
-            out.append(f"{prefix}{key}: {va!r} (store) vs {vb!r} (now)")
+            out += diff_configs(va, vb, f"{prefix}{key}.", labels)
+            continue
+        if json.dumps(va, sort_keys=True, default=str) == json.dumps(vb, sort_keys=True, default=str):
+            continue
+        where = ""
+        if isinstance(va, list) and isinstance(vb, list) and max(len(va), len(vb)) > 6:
+            i = next((i for i, (x, y) in enumerate(zip(va, vb)) if x != y), min(len(va), len(vb)))
+            if len(va) == len(vb):
+                where = f" (first difference at [{i}]: {_short(va[i], 20)} vs {_short(vb[i], 20)})"
+        out.append(f"{prefix}{key}: {_short(va)} ({labels[0]}) vs {_short(vb)} ({labels[1]}){where}")
     return out
 
 
@@ -893,7 +922,8 @@ class StoreWriter:
         header = FeatureStore.read_header(path)
         if header["config_hash"] != h:
             diffs = diff_configs(header["config"], self.config)
-            raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:4])}); "
+            more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+            raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:6])}{more}); "
                              "use another --out for this config")
         remove_stale_partials(path, name)
         # only_own (shards): resume from this writer's own parts; scanning every part of a store of

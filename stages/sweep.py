@@ -52,7 +52,7 @@ from pipeline.errors import UserError
 from pipeline.runs import ensure_writable
 
 __all__ = ["FeatureCache", "SweepOutcome", "check_streams", "dedupe", "die_with_parent", "expand", "load_sweep",
-           "run_sweep", "set_value"]
+           "plan_sweep", "run_sweep", "set_value"]
 
 RUN_KEYS = ("head", "grid", "set", "streams", "splits", "seeds")
 TOP_KEYS = ("runs", "set", "streams", "splits", "seeds")
@@ -411,6 +411,9 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
         elif info["status"] == "trained":
             say(f"trained {info['run']} ({describe(jobs[i])}): accuracy {100 * info['accuracy']:.2f}, "
                       f"{info['seconds']:.1f} s")
+        else:  # a complete run directory of the same config: nothing trained, its metrics reused
+            say(f"reused  {info['run']} ({describe(jobs[i])}): accuracy {100 * info['accuracy']:.2f}, "
+                "finished before")
         bar.update(1)
         bar.set_postfix(counts)
 
@@ -426,6 +429,23 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
         _run_pool(jobs, workers, cache_gb, done)
     bar.close()
     return outcomes  # type: ignore[return-value]
+
+
+def plan_sweep(jobs: Sequence) -> list[tuple[Any, Path | None, bool, str | None]]:
+    """Per job, without training: (job, its run directory, whether that run is finished, why it cannot run or
+    None). ``sweep --dry-run`` prints it; the stores are opened once and nothing is loaded."""
+    from stages.train import plan_run
+
+    cache = FeatureCache(0.0)
+    out = []
+    for job in jobs:
+        try:
+            run = plan_run(job, cache.open_store, cache.load_manifest).run
+        except UserError as e:
+            out.append((job, None, False, str(e)))
+            continue
+        out.append((job, run.path, run.complete, None))
+    return out
 
 
 def _run_pool(jobs: list, workers: int, cache_gb: float, done: Callable[[int, dict], None]) -> None:

@@ -34,7 +34,7 @@ def run_cli_subprocess(*args) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-FAST = ["--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
+FAST = ["--streams", "rgb", "--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
 
 
 def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
@@ -50,7 +50,7 @@ def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
     assert m["n_frames"] == 24 and list(m["frame_indices"]) == [3, 9, 15, 21]
     parts_before = sorted(p.name for p in (store / "parts").iterdir())
     code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
-    assert code == 0 and "done 0, skipped 6" in out, out
+    assert code == 0 and "done 0, skipped 6 (already in the store), failed 0 of 6 in" in out, out
     assert sorted(p.name for p in (store / "parts").iterdir()) == parts_before
     code, out = run_cli("info", store, "--json")
     assert code == 0
@@ -62,11 +62,13 @@ def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
 
 def test_different_config_is_refused(tiny_dataset, tmp_path, run_cli):
     store = tmp_path / "store"
-    assert run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")[0] == 0
-    code, out = run_cli_subprocess("extract", tiny_dataset, "--out", store, *FAST[2:], "--frames", "5")
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")
+    assert code == 0 and "done 1, skipped 0 (already in the store), failed 0 of 6, 5 left for the next run" in out
+    code, out = run_cli_subprocess("extract", tiny_dataset, "--out", store, *FAST[:2], *FAST[4:], "--frames", "5")
     assert code == 2
     lines = out.strip().splitlines()
     assert len(lines) == 1 and "different config" in lines[0] and "Traceback" not in out
+    assert "sampling.frames: 4 (store) vs 5 (requested)" in lines[0] and "backbones" not in lines[0], lines[0]
 
 
 def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, run_cli):
@@ -74,8 +76,8 @@ def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, run_cli):
     assert run_cli("extract", tiny_dataset, "--out", ref, *FAST)[0] == 0
     store = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "cli.main", "extract", str(tiny_dataset), "--out", str(store), "--frames", "4",
-            "--quiet", "--workers", "1", "--commit-every", "1"]
+    args = [sys.executable, "-m", "cli.main", "extract", str(tiny_dataset), "--out", str(store), "--streams", "rgb",
+            "--frames", "4", "--quiet", "--workers", "1", "--commit-every", "1"]
     p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     deadline = time.time() + 300

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny random-weight CNN: the code path of any backbone at a fraction of the cost.
 CFG = ExtractConfig(sampling=Sampling(mode="frames", frames=4), backbone="timm:test_efficientnet", weights="random")
 OPTS = RunOptions(workers=0, commit_every=2, progress=False)
-FAST = ["--backbone", "timm:test_efficientnet", "--weights", "random", "--frames", "4", "--quiet", "--workers", "0",
-        "--commit-every", "2"]
+FAST = ["--streams", "rgb", "--backbone", "timm:test_efficientnet", "--weights", "random", "--frames", "4", "--quiet",
+        "--workers", "0", "--commit-every", "2"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 

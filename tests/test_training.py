@@ -299,7 +299,11 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
     mtime = (res.path / "metrics.json").stat().st_mtime_ns
     again = st.train(job, progress=False, echo=messages.append)
     assert again.cached and again.path == res.path and again.metrics == m
-    assert messages == [f"cached: {res.path}"] and (res.path / "metrics.json").stat().st_mtime_ns == mtime
+    assert messages == [f"cached: {res.path}: accuracy {100 * m['accuracy']:.2f}  hit@5 {100 * m['hit@5']:.2f}  "
+                        f"mAP {100 * m['map']:.2f}  ({m['n_test']} test videos, best epoch {m['best_epoch']}, "
+                        f"{m['recipe']} recipe, stopped: {m['stop_reason']}"
+                        + (", did not learn" if m["did_not_learn"] else "") + ")"]
+    assert (res.path / "metrics.json").stat().st_mtime_ns == mtime
     # A different seed is a different run.
     with pytest.raises(pytest.fail.Exception):
         st.train(dataclasses.replace(job, seed=1), progress=False, echo=lambda m: None)

@@ -62,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     tried = [c for c in cat.cases.values() if c["outcome"] != "skipped"]
     survived = [c for c in tried if c["outcome"] == "passed"]
     print()
-    width = max((len(c["case"]) for c in cat.cases.values()), default=10)
+    by_case: dict[str, list[dict]] = {}  # parametrised variants of one case share a line
     for c in cat.cases.values():
-        mark = {"passed": "survived", "failed": "FAILED", "skipped": "skipped"}.get(c["outcome"], c["outcome"])
-        print(f"{c['case']:<{width}}  {mark:<8}  {c['seconds']:6.1f} s")
+        by_case.setdefault(c["case"], []).append(c)
+    width = max((len(k) for k in by_case), default=10)
+    for name, cs in by_case.items():
+        ok = sum(c["outcome"] == "passed" for c in cs)
+        run = sum(c["outcome"] != "skipped" for c in cs)
+        mark = "skipped" if not run else "survived" if ok == run else "FAILED"
+        count = f" {ok}/{run}" if len(cs) > 1 else ""
+        print(f"{name:<{width}}  {mark + count:<13}  {sum(c['seconds'] for c in cs):6.1f} s")
     print(f"\n{len(survived)} survived / {len(tried)} tried"
           + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
           + f" in {time.perf_counter() - t0:.0f} s")

@@ -359,9 +359,17 @@ class StoreIndex:
     part: np.ndarray                     # [R] int32
     start: np.ndarray                    # [R] int64
     stop: np.ndarray                     # [R] int64
-    source: np.ndarray                   # [R] bytes: source file sha256 ("" when not recorded)
-    digest: np.ndarray                   # [R] bytes: feature digest ("" for parts written before digests)
+    source: np.ndarray | None            # [R] bytes: source file sha256 ("" when not recorded); None: not read yet
+    digest: np.ndarray | None            # [R] bytes: feature digest ("" for parts written before digests)
     fingerprint: str | None = None
+    saved_at: Path | None = None         # the index.npz that source / digest are read from when first needed
+
+    def provenance(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source, digest) columns, read on first use: only the fingerprint needs them, and it is saved."""
+        if self.source is None or self.digest is None:
+            with np.load(self.saved_at, allow_pickle=False) as z:
+                self.source, self.digest = z["source"], z["digest"]
+        return self.source, self.digest
 
     @classmethod
     def build(cls, indexes: list[PartIndex]) -> StoreIndex:
@@ -398,7 +406,7 @@ class StoreIndex:
         ids = np.concatenate([self.ids, added.ids])
         order = np.lexsort((part, ids))
         cols = [np.concatenate([a, b])[order] for a, b in ((self.start, added.start), (self.stop, added.stop),
-                                                           (self.source, added.source), (self.digest, added.digest))]
+                                                           *zip(self.provenance(), added.provenance()))]
         return StoreIndex(names, [stamps[n] for n in names], self.streams, ids[order], part[order], *cols)
 
     @property
@@ -412,8 +420,9 @@ class StoreIndex:
         import io
 
         buf = io.BytesIO()
+        source, digest = self.provenance()
         np.savez(buf, meta=np.array(json.dumps(meta)), ids=self.ids, part=self.part, start=self.start,
-                 stop=self.stop, source=self.source, digest=self.digest)
+                 stop=self.stop, source=source, digest=digest)
         tmp = _partial_name(path)
         _write_new_file(tmp, buf.getvalue())
         try:
@@ -430,34 +439,46 @@ class StoreIndex:
                 meta = json.loads(str(z["meta"]))
                 if meta.get("version") != INDEX_VERSION:
                     return None
-                arrays = {k: z[k] for k in ("ids", "part", "start", "stop", "source", "digest")}
+                arrays = {k: z[k] for k in ("ids", "part", "start", "stop")}
         except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError):
             return None
         n = len(arrays["ids"])
         if any(len(a) != n for a in arrays.values()) or len(meta["parts"]) != len(meta["stamps"]):
             return None
         return cls(meta["parts"], [tuple(s) for s in meta["stamps"]],
-                   {k: tuple(v) for k, v in meta["streams"].items()}, fingerprint=meta.get("fingerprint"), **arrays)
+                   {k: tuple(v) for k, v in meta["streams"].items()}, source=None, digest=None,
+                   fingerprint=meta.get("fingerprint"), saved_at=path, **arrays)
 
 
-def load_store_index(path: Path, parts: list[Path], log=None) -> tuple[StoreIndex, bool]:
-    """The index of the store at ``path`` over its committed ``parts``: the saved one when it covers them
-    unchanged, extended by parts committed since, or rebuilt from every part when an indexed part changed or
-    vanished (``log`` says so once the rebuild succeeded). Returns (index, whether it differs from the saved one)."""
+def _scan_parts(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (size, mtime_ns) of every committed part (one directory scan: no Path objects, no file opened)."""
+    try:
+        with os.scandir(path / "parts") as it:
+            return {e.name: ((st := e.stat()).st_size, st.st_mtime_ns) for e in it
+                    if e.name.endswith(".h5") and e.is_file()}
+    except FileNotFoundError:
+        return {}
+
+
+def load_store_index(path: Path, log=None) -> tuple[StoreIndex, bool]:
+    """The index of the store at ``path`` over its committed parts: the saved one when it covers them unchanged,
+    extended by parts committed since, or rebuilt from every part when an indexed part changed or vanished
+    (``log`` says so once the rebuild succeeded). Returns (index, whether it differs from the saved one)."""
     saved = StoreIndex.load(path / INDEX_NAME)
-    on_disk = {p.name: p for p in parts}
+    on_disk = _scan_parts(path)
+    every = [path / "parts" / n for n in sorted(on_disk)]
     if saved is not None:
-        changed = [n for n, st in zip(saved.parts, saved.stamps) if n not in on_disk or _stamp(on_disk[n]) != st]
+        changed = [n for n, st in zip(saved.parts, saved.stamps) if on_disk.get(n) != st]
         if changed:
-            index = StoreIndex.build([read_part_index(p) for p in parts])  # a damaged part raises, naming it
+            index = StoreIndex.build([read_part_index(p) for p in every])  # a damaged part raises, naming it
             if log:
                 log(f"{path}: {len(changed)} part(s) changed or removed since the index was written "
-                    f"(e.g. {changed[0]}); rebuilt the index from {len(parts)} parts")
+                    f"(e.g. {changed[0]}); rebuilt the index from {len(every)} parts")
             return index, True
     if saved is None:
-        return StoreIndex.build([read_part_index(p) for p in parts]), True
+        return StoreIndex.build([read_part_index(p) for p in every]), True
     known = set(saved.parts)
-    new = [read_part_index(p) for p in parts if p.name not in known]
+    new = [read_part_index(path / "parts" / n) for n in sorted(on_disk) if n not in known]
     return saved.extend(new), bool(new)
 
 
@@ -471,7 +492,7 @@ class FeatureStore:
     def __init__(self, path: Path, header: dict, index: StoreIndex):
         self.path = path
         self.header = header
-        self.parts = [path / "parts" / n for n in index.parts]
+        self._parts: list[Path] | None = None
         self._idx = index
         first = index.first
         self._rows = np.flatnonzero(first)  # the row read for each id, in id order
@@ -514,14 +535,21 @@ class FeatureStore:
         """
         path = Path(path)
         header = cls.read_header(path)
-        index, changed = load_store_index(path, committed_parts(path), log)
+        index, changed = load_store_index(path, log)
         fs = cls(path, header, index)
         if changed:
             fs._save_index()
         return fs
 
+    @property
+    def parts(self) -> list[Path]:
+        """Committed parts in name order (``locations`` numbers them in this order)."""
+        if self._parts is None:
+            self._parts = [self.path / "parts" / n for n in self._idx.parts]
+        return self._parts
+
     def _save_index(self) -> None:
-        if self._idx.fingerprint is None and all(self._idx.digest[self._rows]):
+        if self._idx.fingerprint is None and all(self._idx.provenance()[1][self._rows]):
             self._idx.fingerprint = self.fingerprint  # cheap here (every digest recorded): saved for the next open
         try:
             self._idx.save(self.path / INDEX_NAME)
@@ -588,9 +616,10 @@ class FeatureStore:
         if self._fingerprint is None:
             idx = self._idx
             h = hashlib.sha256(self.header["config_hash"].encode())
+            sources, digests = idx.provenance()
             for vid, r in zip(self._uids.tolist(), self._rows.tolist()):
-                digest = idx.digest[r] or self.stored_digest(vid.decode()).encode()
-                h.update(b"%s\0%s\0%s\n" % (vid, idx.source[r], digest))
+                digest = digests[r] or self.stored_digest(vid.decode()).encode()
+                h.update(b"%s\0%s\0%s\n" % (vid, sources[r], digest))
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 

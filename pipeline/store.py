@@ -489,6 +489,8 @@ def _note(message: str) -> None:
 class FeatureStore:
     """Read-only view of the committed videos of a store. ``FeatureStore.open(path)``."""
 
+    OPEN_PARTS = 64
+
     def __init__(self, path: Path, header: dict, index: StoreIndex):
         self.path = path
         self.header = header
@@ -635,12 +637,18 @@ class FeatureStore:
 
     # -- reading -------------------------------------------------------------------------------------
     def _file(self, i: int) -> h5py.File:
-        if i not in self._files:
+        """Part ``i``, opened once and kept among the ``OPEN_PARTS`` most recently used: random access over a
+        store of thousands of parts must not hold a file (and its HDF5 caches) per part it ever touched."""
+        f = self._files.pop(i, None)
+        if f is None:
             try:
-                self._files[i] = h5py.File(self.parts[i], "r")
+                f = h5py.File(self.parts[i], "r")
             except OSError as e:
                 raise DamagedPart(self.parts[i], f"cannot be opened: {str(e).split(';')[0]}") from None
-        return self._files[i]
+            if len(self._files) >= self.OPEN_PARTS:
+                self._files.pop(next(iter(self._files))).close()  # the least recently used
+        self._files[i] = f  # dicts keep insertion order: the end is the most recently used
+        return f
 
     def _read(self, part: int, ds, a: int | None = None, b: int | None = None) -> np.ndarray:
         try:

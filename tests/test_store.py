@@ -170,3 +170,17 @@ def test_a_store_that_cannot_be_written_is_indexed_in_memory(tmp_path, monkeypat
     monkeypatch.setattr(st.StoreIndex, "save", refuse)  # as on a read-only mount (root writes a 0o555 folder)
     assert FeatureStore.open(tmp_path / "s").ids() == ["a", "b", "c"]
     assert not (tmp_path / "s" / st.INDEX_NAME).exists()
+
+
+def test_random_access_keeps_a_bounded_number_of_parts_open(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = {f"v{i:02d}": _video(rng) for i in range(24)}
+    with FeatureStore.writer(tmp_path / "s", CFG, ["a"], commit_every=1) as w:  # one part per video
+        for v, f in feats.items():
+            w.add(v, f, _meta())
+    fs = FeatureStore.open(tmp_path / "s")
+    fs.OPEN_PARTS = 4
+    for v in rng.permutation(list(feats)).tolist() * 2:
+        np.testing.assert_array_equal(fs.get(v), feats[v]["rgb"])
+        assert len(fs._files) <= 4
+    assert [len(a) for a in fs.load("rgb")] == [4] * 24

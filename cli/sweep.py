@@ -24,9 +24,13 @@ from cli.train import _parse_list, _parse_sets, set_option
 @click.option("--device", default="auto", help="auto (GPU k mod n for worker k when there is CUDA), cpu or cuda:N.")
 @click.option("--cache-gb", type=float, default=4.0, help="Features each worker keeps in memory across its runs.")
 @click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="local: --jobs worker processes on this machine; ray: one Ray task per run on a cluster.")
+@click.option("--address", default=None, help="Ray cluster address (--engine ray), e.g. auto; default: a local Ray.")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_gb, allow_missing, dry_run, quiet):
+def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_gb, engine, address, allow_missing,
+          dry_run, quiet):
     """Train every run of SWEEP.yaml on the features in STORE; complete runs are skipped, so a rerun resumes."""
     import time
 
@@ -45,7 +49,8 @@ def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_
     check_streams(runs, available)
     dropped = len(expanded) - len(runs)
     click.echo(f"{sweep_file}: {len(runs)} run{'s' * (len(runs) != 1)}" + (f" ({dropped} duplicates dropped)" if dropped else "")
-               + f", {jobs} worker{'s' if jobs > 1 else ''}, out {out}")
+               + (f", on Ray ({address or 'local'})" if engine == "ray" else f", {jobs} worker{'s' if jobs > 1 else ''}")
+               + f", out {out}")
     if dry_run:
         from stages.sweep import plan_sweep
 
@@ -61,7 +66,8 @@ def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_
                    + (f", {n_bad} cannot run" if n_bad else ""))
         return
     t0 = time.perf_counter()
-    outcomes = run_sweep(runs, workers=jobs, progress=not quiet, cache_gb=cache_gb, echo=click.echo)
+    outcomes = run_sweep(runs, workers=jobs, progress=not quiet, cache_gb=cache_gb, echo=click.echo, engine=engine,
+                         address=address)
     wall = time.perf_counter() - t0
     n = {s: sum(o.status == s for o in outcomes) for s in ("trained", "cached", "failed")}
     summary = (f"sweep: {len(outcomes)} run{'s' * (len(outcomes) != 1)}, {n['trained']} trained, {n['cached']} reused (finished before), "

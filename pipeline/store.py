@@ -330,6 +330,12 @@ def committed_parts(path: Path, name: str | None = None) -> list[Path]:
     return sorted((Path(path) / "parts").glob(pattern))
 
 
+def family_parts(path: Path, family: str) -> list[Path]:
+    """Committed parts of writer ``family`` and of its attempts ``FAMILY.aXXXXXX`` (the attempts of one shard), in
+    name order."""
+    return sorted(set(committed_parts(path, family)) | set(committed_parts(path, f"{family}.a*")))
+
+
 INDEX_NAME = "index.npz"
 INDEX_VERSION = 1
 
@@ -560,7 +566,7 @@ class FeatureStore:
 
     @staticmethod
     def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str | None = None,
-               commit_every: int = 16, only_own: bool = False, exclusive: bool = False) -> StoreWriter:
+               commit_every: int = 16, only_own: bool | str = False, exclusive: bool = False) -> StoreWriter:
         return StoreWriter(Path(path), config, list(classes), name=name, commit_every=commit_every,
                            only_own=only_own, exclusive=exclusive)
 
@@ -933,7 +939,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path, config: dict, classes: list[str], name: str | None = None,
-                 commit_every: int = 16, only_own: bool = False, exclusive: bool = False):
+                 commit_every: int = 16, only_own: bool | str = False, exclusive: bool = False):
         name = name or process_token()
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"bad writer name {name!r}")
@@ -962,11 +968,13 @@ class StoreWriter:
             more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
             raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:6])}{more}); "
                              "use another --out for this config")
-        remove_stale_partials(path, name)
-        # only_own (shards): resume from this writer's own parts; scanning every part of a store of
+        family = only_own if isinstance(only_own, str) else name
+        remove_stale_partials(path, family)
+        # only_own (shards): resume from this writer's own parts, or (a string) from the parts of every attempt of
+        # that writer family (a shard retried under a new attempt name); scanning every part of a store of
         # thousands of shards at the start of each shard would cost O(shards^2) file opens.
         if only_own:
-            self.done: set[str] = set(_committed_ids(committed_parts(path, name)))
+            self.done: set[str] = set(_committed_ids(family_parts(path, family)))
         else:
             self.done = set(FeatureStore.open(path).ids()) if committed_parts(path) else set()
         taken = [int(m.group(1)) for p in committed_parts(path, name)
@@ -1159,7 +1167,7 @@ def quarantine(path: str | os.PathLike, findings: list[Finding]) -> list[str]:
     path = Path(path)
     moved: list[str] = []
     qdir = path / QUARANTINE
-    shard_name = re.compile(r"^(s\d+of\d+)-\d+\.h5$")
+    shard_name = re.compile(r"^(s\d+of\d+)(?:\.a[0-9a-f]+)?-\d+\.h5$")
     for finding in findings:
         if not finding.damage:
             continue

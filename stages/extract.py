@@ -306,7 +306,7 @@ def check_flow_settings(cfg: ExtractConfig) -> None:
 def _probe_store(out: Path, videos: list, opts: RunOptions, only_own: str | None) -> bool:
     """Whether ``out`` can be written. When it cannot and every video is already committed there (nothing to
     do), returns False; when there is work, refuses in one line before any decoding or model building."""
-    from pipeline.store import FeatureStore, StoreWriteError, committed_parts, read_part_index, writable_error
+    from pipeline.store import FeatureStore, StoreWriteError, family_parts, read_part_index, writable_error
 
     err = writable_error(out)
     if err is None:
@@ -314,7 +314,7 @@ def _probe_store(out: Path, videos: list, opts: RunOptions, only_own: str | None
     done: set[str] = set()
     if (out / "store.json").is_file():
         if only_own:
-            done = {v for p in committed_parts(out, only_own) for v in read_part_index(p).ids}
+            done = {v for p in family_parts(out, only_own) for v in read_part_index(p).ids}
         else:
             done = set(FeatureStore.open(out).ids())
     if opts.retry_failed or any(v.id not in done for v in videos):
@@ -393,8 +393,14 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
         config["finetuned"] = finetuned
     summary = Summary(store=str(out))
 
-    with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
-                             only_own=opts.shard is not None, exclusive=opts.shard is None) as writer:
+    # A shard attempt commits under a name of its own (SHARD.aXXXXXX) and resumes from every attempt's parts: an
+    # attempt cut off from the cluster that still writes can never commit under the name of the one that replaced it.
+    from stages.distributed import attempt_name
+
+    with FeatureStore.writer(out, config, manifest.classes,
+                             name=attempt_name(writer_name) if opts.shard is not None else writer_name,
+                             commit_every=opts.commit_every, only_own=writer_name if opts.shard is not None else False,
+                             exclusive=opts.shard is None) as writer:
         if finetuned:  # the id lists behind the config's digests, for stage two's leak check
             from pipeline.provenance import PROVENANCE_FILE
 

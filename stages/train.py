@@ -54,6 +54,7 @@ from pipeline.store import FeatureStore, file_sha256
 from pipeline.training import (
     TrainingDiverged,
     build_head,
+    check_kernel_budget,
     count_params,
     find_lr,
     fit,
@@ -225,6 +226,8 @@ def plan_run(job: TrainJob, open_store: Callable = FeatureStore.open,
         config["finetuned"] = folds.finetuned
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
+    if entry.kind == "sklearn":
+        check_kernel_budget(job.head, len(folds.train), cfg.memory_gb)
     return RunPlan(entry, head_cfg, cfg, store, manifest, streams, folds, config, RunDir(job.out, job.head, config))
 
 

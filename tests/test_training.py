@@ -599,3 +599,20 @@ def test_streamed_training_equals_in_memory_training(dataset, tmp_path):
     a, b = (np.load(r.path / "scores_test.npz")["scores"] for r in runs.values())
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert runs["4"].metrics["accuracy"] == runs["0"].metrics["accuracy"]
+
+
+def test_kernel_baselines_refuse_a_training_set_whose_kernels_do_not_fit(dataset, tmp_path):
+    """n x n chi-square kernels grow with the square of the training set: refused in one line, nothing written."""
+    import stages.train as st
+    from pipeline.errors import UserError
+    from pipeline.training import check_kernel_budget
+
+    check_kernel_budget("svm", 9_537, 4.0)  # UCF101 split 1 fits the default budget
+    with pytest.raises(UserError, match=r"240,000 training videos need about 1,287 GB"):
+        check_kernel_budget("svm", 240_000, 4.0)  # Kinetics-400
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="svm", streams=("rgb",),
+                      overrides=(("memory_gb", "1e-7"),), out=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="svm: kernel matrices over .* use a torch head"):
+        st.train(job, progress=False, echo=lambda m: None)
+    assert not list((tmp_path / "runs").glob("svm-*"))

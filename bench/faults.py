@@ -49,9 +49,11 @@ class Catalogue:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default=None, help="pytest -k expression to pick cases")
+    ap.add_argument("--out", default=None, help="also write the table to this file (bench/results/faults.md)")
     args = ap.parse_args(argv)
     cat = Catalogue()
-    pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "faults", "--no-header", "-rN", str(ROOT / "tests")]
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "faults", "--no-header", "-rN", "-W", "ignore::UserWarning",
+                   str(ROOT / "tests")]
     if args.k:
         pytest_args += ["-k", args.k]
     t0 = time.perf_counter()
@@ -65,16 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     by_case: dict[str, list[dict]] = {}  # parametrised variants of one case share a line
     for c in cat.cases.values():
         by_case.setdefault(c["case"], []).append(c)
-    width = max((len(k) for k in by_case), default=10)
+    lines = ["| case | outcome | seconds |", "|---|---|---:|"]
     for name, cs in by_case.items():
         ok = sum(c["outcome"] == "passed" for c in cs)
         run = sum(c["outcome"] != "skipped" for c in cs)
-        mark = "skipped" if not run else "survived" if ok == run else "FAILED"
+        mark = "skipped" if not run else "survived" if ok == run else "**FAILED**"
         count = f" {ok}/{run}" if len(cs) > 1 else ""
-        print(f"{name:<{width}}  {mark + count:<13}  {sum(c['seconds'] for c in cs):6.1f} s")
-    print(f"\n{len(survived)} survived / {len(tried)} tried"
-          + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
-          + f" in {time.perf_counter() - t0:.0f} s")
+        lines.append(f"| {name.replace('|', '/')} | {mark + count} | {sum(c['seconds'] for c in cs):.1f} |")
+    lines.append("")
+    lines.append(f"{len(survived)} survived / {len(tried)} tried"
+                 + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
+                 + f" in {time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
     return 0 if tried and len(survived) == len(tried) else 1
 
 

@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--videos", type=int, default=2000)
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--out", default=None, help="also write the table to this file (bench/results/...)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="twostream-stream-"))
     try:
@@ -98,12 +99,14 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
     print(f"ts-lstm (default recipe, 1 thread), {args.videos} videos x {FRAMES} frames x {args.dim}: "
           f"{nbytes / 2**20:.0f} MiB of float16 features")
-    print()
-    print("| features | held in memory | peak RSS (MiB) | fit (s) | optimiser steps | test accuracy (%) |")
-    print("|---|---|---:|---:|---:|---:|")
+    lines = ["| features | held in memory | peak RSS (MiB) | fit (s) | optimiser steps | test accuracy (%) |",
+             "|---|---|---:|---:|---:|---:|"]
     for name, r in rows:
-        print(f"| {name} | {r['in_memory']} | {r['rss_mb']:.0f} | {r['fit_s']:.0f} | {r['steps']} | "
-              f"{100 * r['accuracy']:.1f} |")
+        lines.append(f"| {name} | {r['in_memory']} | {r['rss_mb']:.0f} | {r['fit_s']:.0f} | {r['steps']} | "
+                     f"{100 * r['accuracy']:.1f} |")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SPLITS  ?= 1 2 3
 PROTO   ?= data/protocol
 FT_ARGS ?=
 
-.PHONY: install demo extract train predict protocol sweep report test test-slow test-demo test-all bench lint clean
+.PHONY: install demo extract train predict protocol sweep report test test-slow test-demo test-all bench readme-numbers lint clean
 
 $(BIN)/twostream: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -86,6 +86,13 @@ bench: | $(BIN)/twostream
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/flow.py --quick
 	$(BIN)/python bench/train.py --quick
+
+# The README's tables marked <!-- bench/results/NAME.md --> are these outputs (tests/test_readme_numbers.py checks it).
+readme-numbers: | $(BIN)/twostream
+	PYTHONPATH=. $(BIN)/python bench/faults.py --out bench/results/faults.md
+	PYTHONPATH=. $(BIN)/python bench/scale.py --sizes 10000,100000,1000000 --out bench/results/scale.md
+	PYTHONPATH=. $(BIN)/python bench/stream.py --videos 8000 --out bench/results/stream.md
+	PYTHONPATH=. $(BIN)/python bench/predict.py --flow dis,tvl1-opencv,tvl1 --out bench/results/predict.md
 
 lint: | $(BIN)/twostream
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/faults.py` from anywhere: the tests import the package and tests/
 
 
 class Catalogue:
@@ -29,8 +30,8 @@ class Catalogue:
     def __init__(self):
         self.cases: dict[str, dict] = {}
 
-    def pytest_collection_modifyitems(self, items):
-        for item in items:
+    def pytest_collection_finish(self, session):
+        for item in session.items:  # after -m / -k deselection: only the cases that will run
             doc = (getattr(item, "obj", None).__doc__ or "").strip().splitlines()
             self.cases[item.nodeid] = {"case": doc[0].rstrip(".") if doc else item.name, "outcome": "not run",
                                        "seconds": 0.0}
@@ -48,23 +49,38 @@ class Catalogue:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default=None, help="pytest -k expression to pick cases")
+    ap.add_argument("--out", default=None, help="also write the table to this file (bench/results/faults.md)")
     args = ap.parse_args(argv)
     cat = Catalogue()
-    pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "faults", "--no-header", "-rN", str(ROOT / "tests")]
+    pytest_args = ["-q", "-p", "no:cacheprovider", "-m", "faults", "--no-header", "-rN", "-W", "ignore::UserWarning",
+                   str(ROOT / "tests")]
     if args.k:
         pytest_args += ["-k", args.k]
     t0 = time.perf_counter()
-    pytest.main(pytest_args, plugins=[cat])
+    code = pytest.main(pytest_args, plugins=[cat])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        print(f"pytest could not run the catalogue (exit {int(code)}); see above")
+        return 2
     tried = [c for c in cat.cases.values() if c["outcome"] != "skipped"]
     survived = [c for c in tried if c["outcome"] == "passed"]
     print()
-    width = max((len(c["case"]) for c in cat.cases.values()), default=10)
+    by_case: dict[str, list[dict]] = {}  # parametrised variants of one case share a line
     for c in cat.cases.values():
-        mark = {"passed": "survived", "failed": "FAILED", "skipped": "skipped"}.get(c["outcome"], c["outcome"])
-        print(f"{c['case']:<{width}}  {mark:<8}  {c['seconds']:6.1f} s")
-    print(f"\n{len(survived)} survived / {len(tried)} tried"
-          + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
-          + f" in {time.perf_counter() - t0:.0f} s")
+        by_case.setdefault(c["case"], []).append(c)
+    lines = ["| case | outcome | seconds |", "|---|---|---:|"]
+    for name, cs in by_case.items():
+        ok = sum(c["outcome"] == "passed" for c in cs)
+        run = sum(c["outcome"] != "skipped" for c in cs)
+        mark = "skipped" if not run else "survived" if ok == run else "**FAILED**"
+        count = f" {ok}/{run}" if len(cs) > 1 else ""
+        lines.append(f"| {name.replace('|', '/')} | {mark + count} | {sum(c['seconds'] for c in cs):.1f} |")
+    lines.append("")
+    lines.append(f"{len(survived)} survived / {len(tried)} tried"
+                 + (f" ({len(cat.cases) - len(tried)} skipped)" if len(tried) < len(cat.cases) else "")
+                 + f" in {time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
     return 0 if tried and len(survived) == len(tried) else 1
 
 

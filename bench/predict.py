@@ -1,6 +1,6 @@
 """What one prediction costs: seconds per video for a 10 s 320x240 clip, split into the steps of ``predict``.
 
-    python bench/predict.py [--flow dis,tvl1] [--frames 25] [--stack 10] [--threads 2] [--repeat 1]
+    python bench/predict.py [--flow dis,tvl1-opencv,tvl1] [--frames 25] [--stack 10] [--threads 2] [--out FILE.md]
 
 Builds a run the way ``make extract`` + ``make train`` would leave it (a store config from the real extraction
 code: embedded EfficientNet-Lite0, 25 equally spaced frames, flow stacks of L = 10 fields, Ma et al.; a TS-LSTM head
@@ -86,12 +86,13 @@ def time_one(pred: Predictor, video: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flow", default="dis,tvl1", help="comma list of flow methods")
+    ap.add_argument("--flow", default="dis,tvl1-opencv,tvl1", help="comma list of flow methods")
     ap.add_argument("--frames", type=int, default=25)
     ap.add_argument("--stack", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--out", default=None, help="also write the table to this file (bench/results/...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,8 +104,8 @@ def main() -> None:
         assert (n, h, w) == (round(args.seconds * 25), 240, 320), (n, h, w)
         print(f"{args.seconds:g} s 320x240 clip, {args.frames} frames, flow stacks of {args.stack}, rgb + flow "
               f"EfficientNet-Lite0 (fp32, CPU, {args.threads} threads), TS-LSTM head\n")
-        print("| flow | " + " | ".join(STEPS) + " | total s/video |")
-        print("|---|" + "---|" * (len(STEPS) + 1))
+        lines = ["| flow | " + " | ".join(STEPS) + " | total (s/video) |", "|---|" + "---:|" * (len(STEPS) + 1)]
+        print("\n".join(lines), flush=True)
         for flow in args.flow.split(","):
             pred = Predictor.load(make_run(tmp, flow, args.frames, args.stack), device="cpu")
             pred.streams(next(iter(pred.extractions)))  # build the CNNs outside the timing
@@ -112,7 +113,10 @@ def main() -> None:
             mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
             total = mean["total"]
             cells = [f"{mean[k]:.2f} s ({100 * mean[k] / total:.0f}%)" for k in STEPS]
-            print(f"| {flow} | " + " | ".join(cells) + f" | {total:.2f} |", flush=True)
+            lines.append(f"| {flow} | " + " | ".join(cells) + f" | {total:.2f} |")
+            print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def _flow_params(items):
 @click.command("extract")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Feature store directory.")
-@click.option("--streams", default="rgb", show_default=True, help="Comma list of rgb, flow.")
+@click.option("--streams", default="rgb,flow", show_default=True,
+              help="Comma list of rgb (spatial stream), flow (temporal stream: stacks of --flow-stack flow fields).")
 @click.option("--split-dir", type=click.Path(exists=True, file_okay=False), help="Folder of split files.")
 @click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False), help="CSV manifest path,label[,split].")
 @click.option("--frames", type=int, default=None, help="Equally spaced samples per video [25] (Ma et al.).")
@@ -68,7 +69,9 @@ def _flow_params(items):
               help="Weights of the temporal-stream CNN (default: cross-modality init from --weights).")
 @click.option("--rgb-checkpoint", default=None, help="Alias of --weights for a fine-tuned spatial stream.")
 @click.option("--flow", "flow_method", default="tvl1", show_default=True,
-              help="tvl1 | brox | tvl1-opencv | dis | farneback.")
+              help="tvl1 | brox | tvl1-opencv | dis | farneback. TV-L1 is the papers' flow; on a CPU it takes about "
+                   "1 s per 320x240 frame pair, where dis (OpenCV DIS) runs some 80 pairs/s: --flow dis for a quick "
+                   "look on a CPU (a store holds one flow method).")
 @click.option("--flow-param", multiple=True, help="Flow parameter override key=value (repeatable).")
 @click.option("--flow-bound", type=float, default=20.0, show_default=True, help="Clip flow at +-bound (Ng: 40).")
 @click.option("--flow-stack", type=int, default=10, show_default=True, help="L flow fields per stack (2L channels).")
@@ -81,7 +84,8 @@ def _flow_params(items):
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="CNN batch (views).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Decode/flow processes (0: in-process).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Decode/flow processes beside the CNN (0: in-process); `twostream doctor` suggests a number.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per video before it is failed.")
 @click.option("--limit", type=int, default=None, help="Extract at most this many videos (this run).")
 @click.option("--retry-failed", is_flag=True, help="Try only the videos in the errors file again.")
@@ -90,14 +94,18 @@ def _flow_params(items):
 # --- scale-out (stages/distributed.py) ---
 @click.option("--shard", default=None, help="Only slice I/N of the manifest, 0-based (0/16 .. 15/16), for job arrays.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: every shard as a Ray task (pip install 'twostream[ray]').")
+              help="ray: every shard as a Ray task (needs Ray: pip install -e '.[ray]' in the checkout).")
 @click.option("--address", default=None, help="Ray cluster address (auto: the one `ray start` made); default local.")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Videos per shard with --engine ray.")
 def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames, all_frames, backbone, weights,
             flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, keep_views, spatial_grid,
             foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
             quiet, shard, engine, address, shard_size):
-    """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable)."""
+    """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable).
+
+    With no options: both streams (rgb, and flow as TV-L1), 25 equally spaced frames per video, EfficientNet-Lite0
+    with its ImageNet weights, one centre view, on CUDA when there is one, one decode worker.
+    """
     from stages.extract import ExtractConfig, RunOptions
     from stages.extract import extract as run_extract
 
@@ -111,6 +119,12 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder)
     opts = RunOptions(device=device, batch_size=batch_size, workers=workers, timeout=timeout, limit=limit,
                       retry_failed=retry_failed, commit_every=commit_every, progress=not quiet)
+    if "flow" in cfg.streams and flow_method in ("tvl1", "brox") and not quiet:
+        from stages.extract import resolve_device
+
+        if resolve_device(device) == "cpu":
+            click.echo(f"note: {flow_method} flow on a CPU takes about 1 s per 320x240 frame pair (minutes per "
+                       "video); --flow dis is much faster, into another store", err=True)
     if engine == "ray":
         _extract_ray(dataset, out, cfg, opts, shard, address, shard_size, split_dir, csv_path, quiet)
         return
@@ -122,14 +136,16 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         from stages.distributed import parse_shard
 
         opts = replace(opts, shard=parse_shard(shard))
-    print_summary(run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path), "in store", "store")
+    print_summary(run_extract(dataset, out, cfg, opts, split_dir=split_dir, csv=csv_path), "in the store", "store")
 
 
 def print_summary(s, skipped_why: str, what: str) -> None:
     """The end-of-run summary of an extraction-like stage: counts, time per part, the first failures."""
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items() if v)
-    click.echo(f"done {s.done}, skipped {s.skipped} (already {skipped_why}), failed {s.failed} of {s.total} "
-               f"in {s.wall:.1f}s{f' ({parts})' if parts else ''}; {what}: {s.store}")
+    left = getattr(s, "left", 0)
+    click.echo(f"done {s.done}, skipped {s.skipped} (already {skipped_why}), failed {s.failed} "
+               f"of {s.skipped + s.total + left}" + (f", {left} left for the next run (--limit)" if left else "")
+               + f" in {s.wall:.1f}s{f' ({parts})' if parts else ''}; {what}: {s.store}")
     for f in s.failures[:10]:
         click.echo(f"  failed {f['id']}: {f['error']}: {f['message']}", err=True)
     if len(s.failures) > 10:

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fuse": ("cli.sweep", "fuse", "Fuse the per-video scores of finished runs (weights by cross-validation)."),
     "predict": ("cli.predict", "predict", "Classify new videos with a run, a fused run or an exported model."),
     "export": ("cli.predict", "export", "Write a self-contained model folder from a run or a fused run."),
+    "split": ("cli.split", "split", "Write a train/test split (DATASET/manifest.csv) for videos in class folders."),
+    "doctor": ("cli.doctor", "doctor", "What this machine gives the project: decoders, CUDA, threads, disk, weights."),
 }
 
 
@@ -61,13 +63,20 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.errors import UserError
 
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="twostream", standalone_mode=False)
     except click.exceptions.Abort as e:
         if isinstance(e.__cause__, EOFError):  # click turns any EOFError into Abort: a truncated file, not Ctrl-C
             click.echo(f"error: unexpected end of a file ({e.__cause__ or 'EOFError'})", err=True)
             sys.exit(1)
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.UsageError as e:  # one line, as every user error; the usage is one --help away
+        command = e.ctx.command_path if e.ctx is not None else "twostream"
+        click.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -19,3 +19,8 @@ def merge(store, checksums):
         click.echo(f"  duplicate {vid}: in {', '.join(parts)} (read from the first)", err=True)
     if r["duplicates"]:
         click.echo(f"  {len(r['duplicates'])} video(s) committed more than once", err=True)
+    for line in r["superseded"][:10]:
+        click.echo(f"  superseded {line}: written by an attempt the shard's commit does not name; moved to "
+                   f"{store}/superseded/", err=True)
+    if r["superseded"]:
+        click.echo(f"  {len(r['superseded'])} part(s) of superseded shard attempts set aside", err=True)

@@ -24,9 +24,13 @@ from cli.train import _parse_list, _parse_sets, set_option
 @click.option("--device", default="auto", help="auto (GPU k mod n for worker k when there is CUDA), cpu or cuda:N.")
 @click.option("--cache-gb", type=float, default=4.0, help="Features each worker keeps in memory across its runs.")
 @click.option("--allow-missing", is_flag=True, help="Skip split videos that are not in the store (with a warning).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              help="local: --jobs worker processes on this machine; ray: one Ray task per run on a cluster.")
+@click.option("--address", default=None, help="Ray cluster address (--engine ray), e.g. auto; default: a local Ray.")
 @click.option("--dry-run", is_flag=True, help="List the runs and exit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_gb, allow_missing, dry_run, quiet):
+def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_gb, engine, address, allow_missing,
+          dry_run, quiet):
     """Train every run of SWEEP.yaml on the features in STORE; complete runs are skipped, so a rerun resumes."""
     import time
 
@@ -44,17 +48,30 @@ def sweep(store, sweep_file, dataset, split_dir, out, jobs, sets, device, cache_
     runs = dedupe(expanded, default_streams(available))
     check_streams(runs, available)
     dropped = len(expanded) - len(runs)
-    click.echo(f"{sweep_file}: {len(runs)} runs" + (f" ({dropped} duplicates dropped)" if dropped else "")
-               + f", {jobs} worker{'s' if jobs > 1 else ''}, out {out}")
+    click.echo(f"{sweep_file}: {len(runs)} run{'s' * (len(runs) != 1)}" + (f" ({dropped} duplicates dropped)" if dropped else "")
+               + (f", on Ray ({address or 'local'})" if engine == "ray" else f", {jobs} worker{'s' if jobs > 1 else ''}")
+               + f", out {out}")
     if dry_run:
-        for job in runs:
-            click.echo(f"  {describe(job)}")
+        from stages.sweep import plan_sweep
+
+        planned = plan_sweep(runs)
+        for job, path, finished, problem in planned:
+            if problem:
+                click.echo(f"  cannot run  {describe(job)}: {problem}")
+            else:
+                click.echo(f"  {'finished' if finished else 'to train'}  {describe(job)} -> {path}")
+        n_done = sum(finished for _, _, finished, _ in planned)
+        n_bad = sum(problem is not None for _, _, _, problem in planned)
+        click.echo(f"{len(planned) - n_done - n_bad} to train, {n_done} finished (reused as they are)"
+                   + (f", {n_bad} cannot run" if n_bad else ""))
         return
     t0 = time.perf_counter()
-    outcomes = run_sweep(runs, workers=jobs, progress=not quiet, cache_gb=cache_gb, echo=click.echo)
+    outcomes = run_sweep(runs, workers=jobs, progress=not quiet, cache_gb=cache_gb, echo=click.echo, engine=engine,
+                         address=address)
     wall = time.perf_counter() - t0
     n = {s: sum(o.status == s for o in outcomes) for s in ("trained", "cached", "failed")}
-    summary = (f"sweep: {len(outcomes)} runs, {n['trained']} trained, {n['cached']} cached, {n['failed']} failed "
+    summary = (f"sweep: {len(outcomes)} run{'s' * (len(outcomes) != 1)}, {n['trained']} trained, {n['cached']} reused (finished before), "
+               f"{n['failed']} failed "
                f"in {wall:.1f} s")
     if n["failed"]:
         first = next(o for o in outcomes if o.failed)

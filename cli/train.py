@@ -116,33 +116,44 @@ def train(store, dataset, split_dir, split, splits, head, streams, late_fusion, 
         run_train(job, progress=not quiet, echo=click.echo)
 
 
+def _show(value) -> str:
+    """A default as a user would type it: floats to 12 significant digits (``0.0003``, not the float error of a
+    product such as ``0.00030000000000000003``), everything else as its repr."""
+    if isinstance(value, float):
+        return repr(float(f"{value:.12g}"))
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_show(v) for v in value)
+        return f"[{shown}]" if isinstance(value, list) else f"({shown}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
 @click.command()
 @click.argument("pattern", default="*")
 def heads(pattern):
     """List registered heads (matching PATTERN) with their config keys, defaults and training defaults."""
     import pipeline.heads  # noqa: F401  (registers every head)
+    from pipeline.errors import UserError
     from pipeline.registry import HEADS, config_fields
     from pipeline.training import TRAIN_KEYS, TrainConfig, recipe_values
 
     names = HEADS.names(pattern)
     if not names:
-        click.echo(f"no head matches {pattern!r}")
-        return
+        raise UserError(f"no head matches {pattern!r}; `twostream heads` lists them all")
     for name in names:
         entry = HEADS.get(name)
         click.echo(f"{name}  [{entry.kind}]  {entry.doc}")
         for key, default in config_fields(entry.config_cls):
-            click.echo(f"    {key} = {default!r}")
+            click.echo(f"    {key} = {_show(default)}")
         td = getattr(entry.config_cls, "train_defaults", None)
         if td:
-            click.echo("    train (recipe=paper): " + ", ".join(f"{k}={v!r}" for k, v in td.items()))
+            click.echo("    train (recipe=paper): " + ", ".join(f"{k}={_show(v)}" for k, v in td.items()))
         if entry.kind == "torch":
             conv = recipe_values(entry.config_cls, "converge")
             click.echo("    train (recipe=converge, the default): "
-                       + ", ".join(f"{k}={v!r}" for k, v in conv.items() if k != "recipe"))
+                       + ", ".join(f"{k}={_show(v)}" for k, v in conv.items() if k != "recipe"))
     base = TrainConfig()
     click.echo("\ntrain keys (every head; a recipe sets some, the rest keep these values): "
-               + ", ".join(f"{k}={getattr(base, k)!r}" for k in TRAIN_KEYS if k != "recipe"))
+               + ", ".join(f"{k}={_show(getattr(base, k))}" for k in TRAIN_KEYS if k != "recipe"))
     click.echo("\nstreams: `train --streams rgb,flow` concatenates the streams per frame for one head (early "
                "fusion, the default);\nthe papers' route is one model per stream with their scores fused: "
                "`twostream train STORE --dataset D --head H --streams rgb,flow --late-fusion`.")

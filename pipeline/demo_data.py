@@ -2,7 +2,7 @@
 
 ``write_demo_dataset(DIR)`` writes ``DIR/<Class>/v_<Class>_gGG_cCC.avi`` (Motion-JPEG AVI, 160x120, 48 frames at
 25 fps by default) and ``DIR/ucfTrainTestlist/`` with ``classInd.txt``, ``trainlist01..03.txt`` and
-``testlist01..03.txt``. As in UCF101 (Soomro et al. 2012, the benchmark of every paper in ../shared/papers), clips of
+``testlist01..03.txt``. As in UCF101 (Soomro et al. 2012, the benchmark of the two-stream papers), clips of
 one group share their scene (background, texture, colours), and the three splits hold out disjoint thirds of the
 groups, so no scene is seen in both train and test of a split.
 

@@ -6,6 +6,8 @@ Layout of a store directory::
       store.json            schema version, full extraction config and its hash, class names, package version
       parts/NAME-000000.h5  committed parts; each holds several videos, written once, never modified
       parts/NAME-000000.h5.sha256   the part's sha256, recorded at commit (``sha256sum -c`` format)
+      index.npz             the readers' index: per video its part, rows, source sha256 and feature digest,
+                            and the size and mtime of every part it covers (rebuilt when parts change)
       errors.jsonl          one JSON line per failed video: id, stage, error (class or signal), message
       writer.lock           advisory lock of the process writing the store (shards: shards/NAME.lock)
       quarantine/           parts that ``verify --repair`` moved aside (never deleted)
@@ -22,6 +24,11 @@ digest of its stored features (``digests``), which :attr:`FeatureStore.fingerpri
 
 Parts are named by writer (``NAME``): every writer process has a name of its own (host, pid and a random
 token, or its shard), so writers on many machines can share one store.
+
+Opening reads ``index.npz`` (sorted arrays: a lookup is a binary search) and the size and mtime of each part, not
+the parts: opening a store of a million videos takes a fraction of a second. Parts committed after the index was
+written are read and folded in; a part that changed size or mtime, or vanished (``verify --repair``), makes the
+reader rebuild the index from every part, saying so. Readers rewrite the index when they had to update it.
 """
 
 from __future__ import annotations
@@ -182,15 +189,44 @@ def write_error(store: Path, what: str, e: OSError) -> StoreWriteError:
                            "once this is fixed")
 
 
-def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of the keys on which two (nested) configs differ."""
+_ABSENT = object()
+
+
+def _short(value, width: int = 48) -> str:
+    """A config value in a few words: a long list as its length, a mapping as its keys, anything long cut."""
+    if value is _ABSENT:
+        return "absent"
+    if isinstance(value, dict):
+        text = f"set ({', '.join(sorted(map(str, value)))})"
+    elif isinstance(value, list) and len(value) > 6:
+        text = f"[{len(value)} values]"
+    elif isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40,}", value):  # a digest: its first digits tell it
+        text = f'"{value[:12]}..."'
+    else:
+        text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "", labels: tuple[str, str] = ("store", "requested")) -> list[str]:
+    """The keys on which two (nested) configs differ, one short line each: ``key: A (store) vs B (requested)``.
+
+    Only differing leaves are named (``backbones.rgb.weights_sha256``), never whole dicts; a long list is named by
+    its length and its first differing index, so a 20-channel mean does not fill the screen.
+    """
     out = []
     for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += diff_configs(va, vb, f"{prefix}{key}.")
-        elif json.dumps(va, sort_keys=True, default=str) != json.dumps(vb, sort_keys=True, default=str):
-            out.append(f"{prefix}{key}: {va!r} (store) vs {vb!r} (now)")
+            out += diff_configs(va, vb, f"{prefix}{key}.", labels)
+            continue
+        if json.dumps(va, sort_keys=True, default=str) == json.dumps(vb, sort_keys=True, default=str):
+            continue
+        where = ""
+        if isinstance(va, list) and isinstance(vb, list) and max(len(va), len(vb)) > 6:
+            i = next((i for i, (x, y) in enumerate(zip(va, vb)) if x != y), min(len(va), len(vb)))
+            if len(va) == len(vb):
+                where = f" (first difference at [{i}]: {_short(va[i], 20)} vs {_short(vb[i], 20)})"
+        out.append(f"{prefix}{key}: {_short(va)} ({labels[0]}) vs {_short(vb)} ({labels[1]}){where}")
     return out
 
 
@@ -294,21 +330,190 @@ def committed_parts(path: Path, name: str | None = None) -> list[Path]:
     return sorted((Path(path) / "parts").glob(pattern))
 
 
+def family_parts(path: Path, family: str) -> list[Path]:
+    """Committed parts of writer ``family`` and of its attempts ``FAMILY.aXXXXXX`` (the attempts of one shard), in
+    name order."""
+    return sorted(set(committed_parts(path, family)) | set(committed_parts(path, f"{family}.a*")))
+
+
+INDEX_NAME = "index.npz"
+INDEX_VERSION = 1
+
+
+def _stamp(part: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a committed part: parts are written once, so any change means damage or repair."""
+    st = part.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _enc(values: Iterable[str]) -> np.ndarray:
+    """Strings as a fixed-width bytes array (utf-8): sortable and searchable in numpy, loadable without pickle."""
+    out = np.array([v.encode() for v in values], dtype=np.bytes_)
+    return out if out.size else np.zeros(0, "S1")
+
+
+@dataclass
+class StoreIndex:
+    """Every (video, part) row of a store, sorted by video id and then part name: the first row of an id is the
+    one readers use (the first part in name order), later rows are duplicates. Arrays, so that a million
+    videos load and search in milliseconds."""
+
+    parts: list[str]                     # part names, sorted; ``part`` indexes this list
+    stamps: list[tuple[int, int]]        # (size, mtime_ns) of each part when indexed
+    streams: dict[str, tuple[int, ...]]
+    ids: np.ndarray                      # [R] bytes, sorted
+    part: np.ndarray                     # [R] int32
+    start: np.ndarray                    # [R] int64
+    stop: np.ndarray                     # [R] int64
+    source: np.ndarray | None            # [R] bytes: source file sha256 ("" when not recorded); None: not read yet
+    digest: np.ndarray | None            # [R] bytes: feature digest ("" for parts written before digests)
+    fingerprint: str | None = None
+    saved_at: Path | None = None         # the index.npz that source / digest are read from when first needed
+
+    def provenance(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source, digest) columns, read on first use: only the fingerprint needs them, and it is saved."""
+        if self.source is None or self.digest is None:
+            with np.load(self.saved_at, allow_pickle=False) as z:
+                self.source, self.digest = z["source"], z["digest"]
+        return self.source, self.digest
+
+    @classmethod
+    def build(cls, indexes: list[PartIndex]) -> StoreIndex:
+        """From the per-part indexes (``read_part_index``) of a store's parts, in any order."""
+        indexes = sorted(indexes, key=lambda p: p.path.name)
+        streams: dict[str, tuple[int, ...]] = {}
+        for p in indexes:
+            for name, shape in p.streams.items():
+                if streams.setdefault(name, shape) != shape:
+                    raise DamagedPart(p.path, f"stream {name} has frame shape {shape}, other parts {streams[name]}")
+        ids = _enc(v for p in indexes for v in p.ids)
+        part = np.concatenate([np.full(len(p.ids), k, np.int32) for k, p in enumerate(indexes)] or [np.zeros(0, np.int32)])
+        start = np.concatenate([p.offsets[:-1] for p in indexes] or [np.zeros(0)]).astype(np.int64)
+        stop = np.concatenate([p.offsets[1:] for p in indexes] or [np.zeros(0)]).astype(np.int64)
+        source = _enc(v for p in indexes for v in p.sources)
+        digest = _enc(d for p in indexes for d in (p.digests if p.digests is not None else [""] * len(p.ids)))
+        order = np.lexsort((part, ids))  # by id, then by part name
+        return cls([p.path.name for p in indexes], [_stamp(p.path) for p in indexes], streams, ids[order],
+                   part[order], start[order], stop[order], source[order], digest[order])
+
+    def extend(self, new: list[PartIndex]) -> StoreIndex:
+        """This index plus parts committed since (``new``), renumbered into name order."""
+        if not new:
+            return self
+        names = sorted(self.parts + [p.path.name for p in new])
+        remap = np.array([names.index(n) for n in self.parts], np.int32) if self.parts else np.zeros(0, np.int32)
+        added = StoreIndex.build(new)
+        for name, shape in added.streams.items():
+            if self.streams.setdefault(name, shape) != shape:
+                raise DamagedPart(new[0].path, f"stream {name} has frame shape {shape}, other parts {self.streams[name]}")
+        added_remap = np.array([names.index(n) for n in added.parts], np.int32)
+        stamps = dict(zip(self.parts, self.stamps)) | dict(zip(added.parts, added.stamps))
+        part = np.concatenate([remap[self.part], added_remap[added.part]]).astype(np.int32)
+        ids = np.concatenate([self.ids, added.ids])
+        order = np.lexsort((part, ids))
+        cols = [np.concatenate([a, b])[order] for a, b in ((self.start, added.start), (self.stop, added.stop),
+                                                           *zip(self.provenance(), added.provenance()))]
+        return StoreIndex(names, [stamps[n] for n in names], self.streams, ids[order], part[order], *cols)
+
+    @property
+    def first(self) -> np.ndarray:
+        """[R] bool: the row a reader uses for its id (the first part in name order)."""
+        return np.r_[True, self.ids[1:] != self.ids[:-1]] if len(self.ids) else np.zeros(0, bool)
+
+    def save(self, path: Path) -> None:
+        meta = {"version": INDEX_VERSION, "parts": self.parts, "stamps": self.stamps,
+                "streams": {k: list(v) for k, v in self.streams.items()}, "fingerprint": self.fingerprint}
+        import io
+
+        buf = io.BytesIO()
+        source, digest = self.provenance()
+        np.savez(buf, meta=np.array(json.dumps(meta)), ids=self.ids, part=self.part, start=self.start,
+                 stop=self.stop, source=source, digest=digest)
+        tmp = _partial_name(path)
+        _write_new_file(tmp, buf.getvalue())
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> StoreIndex | None:
+        """The saved index, or None when there is none or it cannot be read (it is then rebuilt from the parts)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("version") != INDEX_VERSION:
+                    return None
+                arrays = {k: z[k] for k in ("ids", "part", "start", "stop")}
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError):
+            return None
+        n = len(arrays["ids"])
+        if any(len(a) != n for a in arrays.values()) or len(meta["parts"]) != len(meta["stamps"]):
+            return None
+        return cls(meta["parts"], [tuple(s) for s in meta["stamps"]],
+                   {k: tuple(v) for k, v in meta["streams"].items()}, source=None, digest=None,
+                   fingerprint=meta.get("fingerprint"), saved_at=path, **arrays)
+
+
+def _scan_parts(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (size, mtime_ns) of every committed part (one directory scan: no Path objects, no file opened)."""
+    try:
+        with os.scandir(path / "parts") as it:
+            return {e.name: ((st := e.stat()).st_size, st.st_mtime_ns) for e in it
+                    if e.name.endswith(".h5") and e.is_file()}
+    except FileNotFoundError:
+        return {}
+
+
+def load_store_index(path: Path, log=None) -> tuple[StoreIndex, bool]:
+    """The index of the store at ``path`` over its committed parts: the saved one when it covers them unchanged,
+    extended by parts committed since, or rebuilt from every part when an indexed part changed or vanished
+    (``log`` says so once the rebuild succeeded). Returns (index, whether it differs from the saved one)."""
+    saved = StoreIndex.load(path / INDEX_NAME)
+    on_disk = _scan_parts(path)
+    every = [path / "parts" / n for n in sorted(on_disk)]
+    if saved is not None:
+        changed = [n for n, st in zip(saved.parts, saved.stamps) if on_disk.get(n) != st]
+        if changed:
+            index = StoreIndex.build([read_part_index(p) for p in every])  # a damaged part raises, naming it
+            if log:
+                log(f"{path}: {len(changed)} part(s) changed or removed since the index was written "
+                    f"(e.g. {changed[0]}); rebuilt the index from {len(every)} parts")
+            return index, True
+    if saved is None:
+        return StoreIndex.build([read_part_index(p) for p in every]), True
+    known = set(saved.parts)
+    new = [read_part_index(path / "parts" / n) for n in sorted(on_disk) if n not in known]
+    return saved.extend(new), bool(new)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 class FeatureStore:
     """Read-only view of the committed videos of a store. ``FeatureStore.open(path)``."""
 
-    def __init__(self, path: Path, header: dict, parts: list[Path], index: dict[str, tuple[int, int, int]],
-                 streams: dict[str, tuple[int, ...]], provenance: dict[str, tuple[str, str | None]] | None = None,
-                 duplicates: dict[str, list[str]] | None = None):
+    OPEN_PARTS = 64
+
+    def __init__(self, path: Path, header: dict, index: StoreIndex):
         self.path = path
         self.header = header
-        self.parts = parts
-        self._index = index  # video id -> (part number, start, stop) rows of that part
-        self._stream_shapes = streams
-        self._provenance = provenance or {}  # video id -> (source sha256, feature digest or None)
-        self.duplicates = duplicates or {}  # video id -> part names holding it (the first is the one read)
+        self._parts: list[Path] | None = None
+        self._idx = index
+        first = index.first
+        self._rows = np.flatnonzero(first)  # the row read for each id, in id order
+        self._uids = index.ids[first]       # sorted unique ids (bytes)
+        self._stream_shapes = index.streams
+        self._ids: list[str] | None = None
+        self.duplicates: dict[str, list[str]] = {}  # video id -> part names holding it (the first is the one read)
+        counts = np.diff(np.r_[self._rows, len(index.ids)])
+        for k in np.flatnonzero(counts > 1):
+            r = self._rows[k]
+            self.duplicates[index.ids[r].decode()] = [index.parts[j] for j in index.part[r:r + counts[k]]]
         self._files: dict[int, h5py.File] = {}
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = index.fingerprint
 
     # -- opening ---------------------------------------------------------------------------------------
     @staticmethod
@@ -328,36 +533,40 @@ class FeatureStore:
         return header
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> FeatureStore:
-        """Index every committed part (small datasets only: opening stays cheap; ``verify`` reads the data).
+    def open(cls, path: str | os.PathLike, log=_note) -> FeatureStore:
+        """Open a store through its index (``index.npz``; module docstring): parts committed since it was written
+        are read and folded in, and it is rebuilt from every part when an indexed part changed or vanished.
 
         A part that cannot be read or whose offsets disagree with its datasets raises ``DamagedPart`` naming it.
         A video in two parts (writers that raced) is read from the first part in name order, deterministically,
-        and listed in ``duplicates``.
+        and listed in ``duplicates``. The updated index is saved when the store can be written (else kept in memory).
         """
         path = Path(path)
         header = cls.read_header(path)
-        parts = committed_parts(path)
-        index: dict[str, tuple[int, int, int]] = {}
-        provenance: dict[str, tuple[str, str | None]] = {}
-        duplicates: dict[str, list[str]] = {}
-        streams: dict[str, tuple[int, ...]] = {}
-        for i, part in enumerate(parts):
-            p = read_part_index(part)
-            for name, shape in p.streams.items():
-                if streams.setdefault(name, shape) != shape:
-                    raise DamagedPart(part, f"stream {name} has frame shape {shape}, other parts {streams[name]}")
-            for j, vid in enumerate(p.ids):
-                if vid in index:
-                    duplicates.setdefault(vid, [parts[index[vid][0]].name]).append(part.name)
-                    continue
-                index[vid] = (i, int(p.offsets[j]), int(p.offsets[j + 1]))
-                provenance[vid] = (p.sources[j], p.digests[j] if p.digests is not None else None)
-        return cls(path, header, parts, index, streams, provenance, duplicates)
+        index, changed = load_store_index(path, log)
+        fs = cls(path, header, index)
+        if changed:
+            fs._save_index()
+        return fs
+
+    @property
+    def parts(self) -> list[Path]:
+        """Committed parts in name order (``locations`` numbers them in this order)."""
+        if self._parts is None:
+            self._parts = [self.path / "parts" / n for n in self._idx.parts]
+        return self._parts
+
+    def _save_index(self) -> None:
+        if self._idx.fingerprint is None and all(self._idx.provenance()[1][self._rows]):
+            self._idx.fingerprint = self.fingerprint  # cheap here (every digest recorded): saved for the next open
+        try:
+            self._idx.save(self.path / INDEX_NAME)
+        except OSError:
+            pass  # a read-only store: readers index it in memory each time
 
     @staticmethod
     def writer(path: str | os.PathLike, config: dict, classes: Sequence[str] = (), name: str | None = None,
-               commit_every: int = 16, only_own: bool = False, exclusive: bool = False) -> StoreWriter:
+               commit_every: int = 16, only_own: bool | str = False, exclusive: bool = False) -> StoreWriter:
         return StoreWriter(Path(path), config, list(classes), name=name, commit_every=commit_every,
                            only_own=only_own, exclusive=exclusive)
 
@@ -380,13 +589,28 @@ class FeatureStore:
         return self._stream_shapes[stream]
 
     def ids(self) -> list[str]:
-        return sorted(self._index)
+        """Committed video ids, sorted."""
+        if self._ids is None:
+            self._ids = [v.decode() for v in self._uids.tolist()]
+        return list(self._ids)
+
+    def _find(self, video_id: str) -> int | None:
+        """Row of ``video_id`` in the index (binary search), None when it is not committed."""
+        key = video_id.encode()
+        k = int(np.searchsorted(self._uids, key))
+        return int(self._rows[k]) if k < len(self._uids) and self._uids[k] == key else None
 
     def __contains__(self, video_id: str) -> bool:
-        return video_id in self._index
+        return self._find(video_id) is not None
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._uids)
+
+    def locations(self) -> Iterable[tuple[str, tuple[int, int, int]]]:
+        """(video id, (part number, start row, stop row)) of every committed video, in id order."""
+        idx = self._idx
+        for vid, r in zip(self.ids(), self._rows.tolist()):
+            yield vid, (int(idx.part[r]), int(idx.start[r]), int(idx.stop[r]))
 
     def lengths(self, ids: Iterable[str]) -> list[int]:
         """Stored frames T of each video (from the index: no data read)."""
@@ -398,12 +622,12 @@ class FeatureStore:
         changes when any video's features or source file change. Parts written before feature digests were
         recorded get theirs computed from the stored data (one read of those parts)."""
         if self._fingerprint is None:
+            idx = self._idx
             h = hashlib.sha256(self.header["config_hash"].encode())
-            for vid in self.ids():
-                source, digest = self._provenance.get(vid, ("", None))
-                if digest is None:
-                    digest = self.stored_digest(vid)
-                h.update(f"{vid}\0{source}\0{digest}\n".encode())
+            sources, digests = idx.provenance()
+            for vid, r in zip(self._uids.tolist(), self._rows.tolist()):
+                digest = digests[r] or self.stored_digest(vid.decode()).encode()
+                h.update(b"%s\0%s\0%s\n" % (vid, sources[r], digest))
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -415,16 +639,22 @@ class FeatureStore:
 
     def errors(self) -> list[dict]:
         """Latest error of each video that is not committed (a later success supersedes an error)."""
-        return [e for e in read_errors(self.path) if e.get("id") not in self._index]
+        return [e for e in read_errors(self.path) if e.get("id") not in self]
 
     # -- reading -------------------------------------------------------------------------------------
     def _file(self, i: int) -> h5py.File:
-        if i not in self._files:
+        """Part ``i``, opened once and kept among the ``OPEN_PARTS`` most recently used: random access over a
+        store of thousands of parts must not hold a file (and its HDF5 caches) per part it ever touched."""
+        f = self._files.pop(i, None)
+        if f is None:
             try:
-                self._files[i] = h5py.File(self.parts[i], "r")
+                f = h5py.File(self.parts[i], "r")
             except OSError as e:
                 raise DamagedPart(self.parts[i], f"cannot be opened: {str(e).split(';')[0]}") from None
-        return self._files[i]
+            if len(self._files) >= self.OPEN_PARTS:
+                self._files.pop(next(iter(self._files))).close()  # the least recently used
+        self._files[i] = f  # dicts keep insertion order: the end is the most recently used
+        return f
 
     def _read(self, part: int, ds, a: int | None = None, b: int | None = None) -> np.ndarray:
         try:
@@ -437,10 +667,11 @@ class FeatureStore:
             raise StoreError(f"{self.path} has no stream {stream!r}; it has: {', '.join(self.streams) or 'none'}")
 
     def _locate(self, video_id: str) -> tuple[int, int, int]:
-        try:
-            return self._index[video_id]
-        except KeyError:
-            raise StoreError(f"{self.path} has no committed video {video_id!r}") from None
+        r = self._find(video_id)
+        if r is None:
+            raise StoreError(f"{self.path} has no committed video {video_id!r}")
+        idx = self._idx
+        return int(idx.part[r]), int(idx.start[r]), int(idx.stop[r])
 
     def get(self, video_id: str, stream: str = "rgb") -> np.ndarray:
         """Features of one video: ``[T, D]`` float16 (spatial maps flattened; see ``frame_shape``)."""
@@ -491,7 +722,7 @@ class FeatureStore:
             "path": str(self.path),
             "videos": len(self),
             "streams": self.streams,
-            "frames": int(sum(b - a for _, a, b in self._index.values())),
+            "frames": int((self._idx.stop[self._rows] - self._idx.start[self._rows]).sum()),
             "parts": len(self.parts),
             "errors": len(errors),
             "duplicates": len(self.duplicates),
@@ -708,7 +939,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path, config: dict, classes: list[str], name: str | None = None,
-                 commit_every: int = 16, only_own: bool = False, exclusive: bool = False):
+                 commit_every: int = 16, only_own: bool | str = False, exclusive: bool = False):
         name = name or process_token()
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"bad writer name {name!r}")
@@ -734,13 +965,16 @@ class StoreWriter:
         header = FeatureStore.read_header(path)
         if header["config_hash"] != h:
             diffs = diff_configs(header["config"], self.config)
-            raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:4])}); "
+            more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+            raise StoreError(f"{path} was built with a different config ({'; '.join(diffs[:6])}{more}); "
                              "use another --out for this config")
-        remove_stale_partials(path, name)
-        # only_own (shards): resume from this writer's own parts; scanning every part of a store of
+        family = only_own if isinstance(only_own, str) else name
+        remove_stale_partials(path, family)
+        # only_own (shards): resume from this writer's own parts, or (a string) from the parts of every attempt of
+        # that writer family (a shard retried under a new attempt name); scanning every part of a store of
         # thousands of shards at the start of each shard would cost O(shards^2) file opens.
         if only_own:
-            self.done: set[str] = set(_committed_ids(committed_parts(path, name)))
+            self.done: set[str] = set(_committed_ids(family_parts(path, family)))
         else:
             self.done = set(FeatureStore.open(path).ids()) if committed_parts(path) else set()
         taken = [int(m.group(1)) for p in committed_parts(path, name)
@@ -933,7 +1167,7 @@ def quarantine(path: str | os.PathLike, findings: list[Finding]) -> list[str]:
     path = Path(path)
     moved: list[str] = []
     qdir = path / QUARANTINE
-    shard_name = re.compile(r"^(s\d+of\d+)-\d+\.h5$")
+    shard_name = re.compile(r"^(s\d+of\d+)(?:\.a[0-9a-f]+)?-\d+\.h5$")
     for finding in findings:
         if not finding.damage:
             continue

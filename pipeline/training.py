@@ -532,6 +532,20 @@ def find_lr(head: torch.nn.Module, train: VideoFeatures, cfg: TrainConfig, devic
             "suggested_lr": lrs[lowest] / 10, "stopped": stopped, "steps": len(lrs)}
 
 
+KERNEL_MATRICES = 3  # chi-square kernels an SVM baseline holds at once (per stream and their combination)
+
+
+def check_kernel_budget(head: str, n_train: int, memory_gb: float) -> None:
+    """Refuse a kernel baseline whose n x n float64 Gram matrices would not fit ``memory_gb`` (UCF101's 9,537
+    training videos need about 2 GB; Kinetics' 240k would need about 1.4 TB): one line instead of an
+    out-of-memory kill after the features were loaded."""
+    need = KERNEL_MATRICES * 8 * n_train**2 / 2**30
+    if need > memory_gb:
+        raise UserError(f"{head}: kernel matrices over {n_train:,} training videos need about {need:,.0f} GB, over "
+                        f"memory_gb={memory_gb:g}; at this scale use a torch head (e.g. temporal-pool or ts-lstm), "
+                        "or raise --set memory_gb=N if the machine has the memory")
+
+
 def fit_sklearn(estimator, train: VideoFeatures, val: VideoFeatures | None = None) -> dict:
     """Fit a kernel baseline on video-level features (mean over frames) of the training split only.
 

@@ -6,16 +6,16 @@ blocks are disjoint, cover every video exactly once and differ in size by at mos
 manifest into ``N = ceil(n / shard_size)`` such shards, so ``--engine ray --shard-size S`` and a job array of
 ``--shard i/N`` make the same shards, writer names and files, and can finish each other's work.
 
-Files. Shard ``i/N`` writes its parts as writer ``sIIIIofNNNN`` (``parts/s0003of0016-000000.h5``, one writer per
-file) and, once every video of its slice is committed or has an error line, its shard manifest
+Files. Each attempt of shard ``i/N`` writes its parts under a writer name of its own, ``sIIIIofNNNN.aXXXXXX``
+(``parts/s0003of0016.a1f2e3-000000.h5``; ``XXXXXX`` random per attempt), and, once every video of its slice is committed or has an error line, its shard manifest
 ``shards/s0003of0016.json`` (atomic write): the slice's ids, where each committed one lives, the failed ones,
 each part's size and sha256, the config hash and a digest of the whole manifest's ids. The shard manifest is the
 shard's commit: a shard that has one is never redone (the engine skips it before starting a task, without
 building a model; so the store's config is checked by the shards that do run, and by ``merge``).
 
 Failures. Each shard is one Ray task with ``max_retries``: a worker or node that dies mid-shard is redone
-elsewhere, and the new attempt resumes from the parts the dead one committed (same writer name; its
-``*.partial`` is removed), so nothing committed is computed twice. Exceptions inside a task (a store with
+elsewhere, and the new attempt resumes from the parts every earlier attempt of the shard committed (its
+``*.partial`` files are removed), so nothing committed is computed twice. Exceptions inside a task (a store with
 another config, a missing dataset) are not retried: they would fail again. A video that kills its decoder
 costs that video only, as in the single-process run: the task uses the same isolated decode workers.
 
@@ -25,12 +25,16 @@ and writes ``index.json``: the parts, and per video its part and rows, in the re
 order wins); videos committed in more than one part are listed under ``duplicates`` and reported. No HDF5
 virtual datasets: they fill missing sources silently, and the reader refuses them.
 
+Fencing. An attempt cut off from the cluster that keeps running while its task is retried elsewhere commits
+under its own attempt name, so it never takes the name of the attempt that replaced it. The shard manifest names
+the parts of the shard's commit; ``merge`` moves parts of the shard that it does not name (written by such an
+attempt after the commit) to ``STORE/superseded/`` and reports them, so the store holds exactly one copy of each
+video.
+
 Limits. Features are bitwise equal to the single-process run's at the same torch thread count (a Ray task
 with ``num_cpus=1`` runs torch on one thread; fp32 convolutions sum in a thread-dependent order, and 1 vs 2
-threads moves about 0.5% of the float16 features by one unit in the last place). Two live attempts of one
-shard at once (a node cut off by the network but still running while Ray reruns its task) would share a
-writer name; their commits cannot overwrite each other (a part is linked to a name that must not exist; the
-later one takes the next number), and the shard lock refuses a second attempt on the same machine.
+threads moves about 0.5% of the float16 features by one unit in the last place). The shard lock refuses a second
+live attempt on the same machine; across machines, attempt names and ``merge`` keep attempts apart (Fencing).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,6 +100,20 @@ def shard_name(i: int, n: int) -> str:
     return f"s{i:0{width}d}of{n:0{width}d}"
 
 
+def attempt_name(shard: str) -> str:
+    """Writer name of one attempt of a shard: ``s0003of0016.a1f2e3`` (random): two live attempts of a shard (a
+    node cut off but still running while its task is retried elsewhere) never commit under one name."""
+    import secrets
+
+    return f"{shard}.a{secrets.token_hex(3)}"
+
+
+def shard_of_writer(writer: str) -> str | None:
+    """The shard a writer name belongs to (``s0003of0016`` for the shard or any of its attempts), else None."""
+    base = writer.split(".a", 1)[0]
+    return base if _SHARD_NAME.match(base) else None
+
+
 def shards_for(n_videos: int, shard_size: int) -> int:
     """How many shards of at most ``shard_size`` videos the Ray engine cuts ``n_videos`` into."""
     if shard_size < 1:
@@ -135,13 +154,13 @@ def write_shard_manifest(store: str | Path, i: int, n: int, slice_ids: list[str]
 
     Returns the manifest written, or None when the shard is not complete yet (``--limit``, an interrupted run).
     """
-    from pipeline.store import atomic_write_text, committed_parts, file_sha256, read_errors, read_part_index
+    from pipeline.store import atomic_write_text, family_parts, file_sha256, read_errors, read_part_index
 
     store = Path(store)
     name = shard_name(i, n)
     parts: dict[str, dict[str, Any]] = {}
     where: dict[str, str] = {}
-    for part in committed_parts(store, name):
+    for part in family_parts(store, name):  # every attempt's parts: a retry resumes from a dead attempt's commits
         ids = read_part_index(part).ids
         parts[part.name] = {"ids": ids, "size": part.stat().st_size, "sha256": file_sha256(part)}
         for vid in ids:
@@ -308,9 +327,9 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
     manifests = {p.stem: _read_json(p) for p in sorted((store / "shards").glob("*.json"))}
     shard_parts: dict[str, list[str]] = {}
     for part in sorted((store / "parts").glob("*.h5")):
-        writer = part.name.rsplit("-", 1)[0]
-        if _SHARD_NAME.match(writer):
-            shard_parts.setdefault(writer, []).append(part.name)
+        shard = shard_of_writer(part.name.rsplit("-", 1)[0])
+        if shard:
+            shard_parts.setdefault(shard, []).append(part.name)
     counts = {doc["shard"][1] for doc in manifests.values()} | {int(_SHARD_NAME.match(w).group(2)) for w in shard_parts}
     if not counts:
         raise ShardError(f"{store} holds no shards (no shards/*.json, no parts/s*of*-*.h5): nothing to merge")
@@ -321,6 +340,7 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
     if len({(doc.get("digest"), doc.get("n_videos")) for doc in manifests.values()}) > 1:
         raise ShardError(f"{store}: shard manifests were cut from different dataset manifests")
     total = next(iter(manifests.values()))["n_videos"] if manifests else 0
+    superseded: list[tuple[str, str]] = []  # (shard, part) committed by an attempt the shard's commit does not name
     for i in range(n):
         name = shard_name(i, n)
         doc = manifests.get(name)
@@ -349,13 +369,19 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
                 raise ShardError(f"shard {i}/{n}: part {pname} does not match its sha256 in shards/{name}.json")
             if _part_ids(path) != info["ids"]:
                 raise ShardError(f"shard {i}/{n}: part {pname} holds other videos than shards/{name}.json lists")
-        extra = sorted(set(shard_parts.get(name, [])) - set(doc["parts"]))
-        if extra:
-            raise ShardError(f"shard {i}/{n}: part(s) {', '.join(extra[:3])} are not in shards/{name}.json "
-                             "(written after the shard was committed?)")
+        # Parts of an attempt that the shard's commit does not name (an attempt cut off from the cluster that kept
+        # writing after another one committed the shard): moved aside, never indexed, reported.
+        superseded += [(name, p) for p in sorted(set(shard_parts.get(name, [])) - set(doc["parts"]))]
         missing = [v for v in doc["videos"] if v not in doc["committed"] and v not in doc["failed"]]
         if missing:
             raise ShardError(f"shard {i}/{n}: {len(missing)} video(s) neither committed nor failed, e.g. {missing[0]}")
+    if superseded:
+        aside = store / "superseded"
+        aside.mkdir(exist_ok=True)
+        for _, pname in superseded:
+            for f in (store / "parts" / pname, store / "parts" / f"{pname}.sha256"):
+                if f.exists():
+                    os.replace(f, aside / f.name)
     try:
         fs = FeatureStore.open(store)  # every part: safety checks, stream shapes, the reader's duplicate rule
     except StoreError as e:
@@ -368,14 +394,16 @@ def merge(store: str | Path, checksums: bool = False) -> dict:
             "shards": n,
             "parts": {p: (store / "parts" / p).stat().st_size for p in parts},
             "streams": {k: list(v) for k, v in fs._stream_shapes.items()},
-            "videos": {vid: [parts[k], a, b] for vid, (k, a, b) in sorted(fs._index.items())},
-            "failed": sorted({v for doc in manifests.values() for v in doc["failed"]} - set(fs._index)),
+            "videos": {vid: [parts[k], a, b] for vid, (k, a, b) in fs.locations()},
+            "failed": sorted({v for doc in manifests.values() for v in doc["failed"]} - set(fs.ids())),
             "duplicates": fs.duplicates,
+            "superseded": [p for _, p in superseded],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     atomic_write_text(store / "index.json", json.dumps(index, sort_keys=True))
     return {"shards": n, "videos": len(index["videos"]), "failed": len(index["failed"]), "parts": len(parts),
-            "duplicates": fs.duplicates, "manifest_videos": total, "index": str(store / "index.json")}
+            "duplicates": fs.duplicates, "manifest_videos": total, "index": str(store / "index.json"),
+            "superseded": [f"{shard}: {p}" for shard, p in superseded]}
 
 
 def _part_ids(path: Path) -> list[str]:

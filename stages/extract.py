@@ -52,9 +52,10 @@ class RunOptions:
 @dataclass
 class Summary:
     done: int = 0
-    skipped: int = 0
+    skipped: int = 0   # already committed (or cached) before this run
     failed: int = 0
-    total: int = 0
+    total: int = 0     # attempted this run: done + failed
+    left: int = 0      # still to do after this run (--limit)
     seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "flow": 0.0, "preprocess": 0.0,
                                                                 "cnn": 0.0, "write": 0.0})
     frames: int = 0
@@ -139,7 +140,7 @@ def check_flow_settings(cfg: ExtractConfig) -> None:
 def _probe_store(out: Path, videos: list, opts: RunOptions, only_own: str | None) -> bool:
     """Whether ``out`` can be written. When it cannot and every video is already committed there (nothing to
     do), returns False; when there is work, refuses in one line before any decoding or model building."""
-    from pipeline.store import FeatureStore, StoreWriteError, committed_parts, read_part_index, writable_error
+    from pipeline.store import FeatureStore, StoreWriteError, family_parts, read_part_index, writable_error
 
     err = writable_error(out)
     if err is None:
@@ -147,7 +148,7 @@ def _probe_store(out: Path, videos: list, opts: RunOptions, only_own: str | None
     done: set[str] = set()
     if (out / "store.json").is_file():
         if only_own:
-            done = {v for p in committed_parts(out, only_own) for v in read_part_index(p).ids}
+            done = {v for p in family_parts(out, only_own) for v in read_part_index(p).ids}
         else:
             done = set(FeatureStore.open(out).ids())
     if opts.retry_failed or any(v.id not in done for v in videos):
@@ -213,10 +214,10 @@ def _remove_empty_store(out: Path) -> None:
 def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig, opts: RunOptions, t_start: float,
                     device: str, decoder: str, provenance: tuple) -> Summary:
     import torch
-    from tqdm import tqdm
 
     from pipeline.isolation import isolated_map
     from pipeline.store import FeatureStore, atomic_write_text, read_errors
+    from stages.progress import warm_bar
 
     finetuned, seen_lists = provenance
     torch.manual_seed(0)
@@ -226,8 +227,14 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
         config["finetuned"] = finetuned
     summary = Summary(store=str(out))
 
-    with FeatureStore.writer(out, config, manifest.classes, name=writer_name, commit_every=opts.commit_every,
-                             only_own=opts.shard is not None, exclusive=opts.shard is None) as writer:
+    # A shard attempt commits under a name of its own (SHARD.aXXXXXX) and resumes from every attempt's parts: an
+    # attempt cut off from the cluster that still writes can never commit under the name of the one that replaced it.
+    from stages.distributed import attempt_name
+
+    with FeatureStore.writer(out, config, manifest.classes,
+                             name=attempt_name(writer_name) if opts.shard is not None else writer_name,
+                             commit_every=opts.commit_every, only_own=writer_name if opts.shard is not None else False,
+                             exclusive=opts.shard is None) as writer:
         if finetuned:  # the id lists behind the config's digests, for stage two's leak check
             from pipeline.provenance import PROVENANCE_FILE
 
@@ -239,6 +246,7 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
         todo = [v for v in items if v.id not in writer.done]
         summary.skipped = len(items) - len(todo)
         if opts.limit is not None:
+            summary.left = max(0, len(todo) - max(0, opts.limit))
             todo = todo[: max(0, opts.limit)]
         summary.total = len(todo)
         flow = None
@@ -250,14 +258,22 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
                          "flow": flow}) for v in todo)
         # CUDA work (NVDEC, GPU flow) stays in-process: a CUDA context per worker process is wasteful.
         workers = 0 if device.startswith("cuda") and (decoder == "torchcodec" or flow) else opts.workers
-        bar = tqdm(total=len(todo), unit="video", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
+        bar, eta = warm_bar(len(todo), disable=not opts.progress)  # time left measured after the first video
+
+        def step() -> None:
+            eta.update(1)
+            rate = eta.rate()  # videos/s after the warm-up
+            frames_s = "?" if rate is None else f"{rate * summary.frames / max(summary.done, 1):.1f}"
+            bar.set_postfix_str(f"left {eta.text()}, frames/s {frames_s}, failed {summary.failed}", refresh=False)
+            bar.update(1)
+
         for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=worker_init):
             if not res.ok:
                 stage = "decode" if res.error in ("timeout",) or res.error.startswith("SIG") else "prepare"
                 writer.log_error(res.key, stage, res.error, res.message)
                 summary.failed += 1
                 summary.failures.append({"id": res.key, "error": res.error, "message": res.message})
-                bar.update(1)
+                step()
                 continue
             video = res.value
             for k, v in video["seconds"].items():
@@ -270,21 +286,19 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
                 writer.log_error(res.key, "cnn", type(e).__name__, str(e))
                 summary.failed += 1
                 summary.failures.append({"id": res.key, "error": type(e).__name__, "message": str(e)})
-                bar.update(1)
+                step()
                 continue
             t0 = time.perf_counter()
             if not writer.add(res.key, feats, video["meta"]):  # non-finite features: logged, not committed
                 summary.failed += 1
                 summary.failures.append({"id": res.key, "error": "NonFinite",
                                          "message": "features are not finite (NaN or Inf)"})
-                bar.update(1)
+                step()
                 continue
             summary.seconds["write"] += time.perf_counter() - t0
             summary.done += 1
             summary.frames += len(video["meta"]["frame_indices"])
-            bar.update(1)
-            rate = bar.format_dict.get("rate") or 0.0
-            bar.set_postfix(frames_s=f"{rate * summary.frames / max(summary.done, 1):.1f}", failed=summary.failed)
+            step()
         bar.close()
         writer.commit()
         writer.prune_errors()  # one line per video (only when this writer holds the store alone)

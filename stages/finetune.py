@@ -525,7 +525,7 @@ def finetune(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FinetuneCo
         if have["identity"] != identity:
             from pipeline.store import diff_configs
 
-            diffs = diff_configs(have["record"], json.loads(_json(record)))
+            diffs = diff_configs(have["record"], json.loads(_json(record)), labels=("that run", "requested"))
             raise UserError(f"{out} holds a {cfg.stream} fine-tuning run with another config "
                             f"({'; '.join(diffs[:4])}); use another --out")
     else:

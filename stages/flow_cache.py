@@ -211,8 +211,6 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
     ``opts`` is a ``stages.extract.RunOptions`` (device, workers, timeout, limit, retry_failed, progress; its
     batch size and commit interval do not apply). Returns a ``stages.extract.Summary``.
     """
-    from tqdm import tqdm
-
     from pipeline.datasets import load_manifest
     from pipeline.extraction import resolve_device
     from pipeline.extraction import worker_init as _worker_init
@@ -220,7 +218,7 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
     from pipeline.store import atomic_write_text, read_errors
     from pipeline.video import choose_backend
     from stages.extract import Summary
-
+    from stages.progress import warm_bar
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -239,6 +237,7 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
     summary = Summary(store=str(out), skipped=len(items) - len(todo))
     summary.seconds = {"flow": 0.0, "decode+write": 0.0}
     if opts.limit is not None:
+        summary.left = max(0, len(todo) - max(0, opts.limit))
         todo = todo[: max(0, opts.limit)]
     summary.total = len(todo)
     flow_dev = device if device.startswith("cuda") else "cpu"
@@ -248,7 +247,7 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
                               "device": flow_dev}}) for v in todo)
     # as in extraction: CUDA work stays in-process (one CUDA context, not one per worker)
     workers = 0 if device.startswith("cuda") else opts.workers
-    bar = tqdm(total=len(todo), unit="video", disable=not opts.progress, dynamic_ncols=True, desc="flow")
+    bar, eta = warm_bar(len(todo), disable=not opts.progress, desc="flow")  # time left measured after the first video
     for res in isolated_map(cache_video, tasks, workers=workers, timeout=opts.timeout, init=_worker_init):
         if res.ok:
             summary.done += 1
@@ -259,9 +258,11 @@ def flow_cache(dataset: str | os.PathLike, out: str | os.PathLike, cfg: FlowCach
             _log_error(out, res.key, "flow", res.error, res.message)
             summary.failed += 1
             summary.failures.append({"id": res.key, "error": res.error, "message": res.message})
-        bar.update(1)
+        eta.update(1)
         pairs = summary.frames - summary.done
-        bar.set_postfix(pairs_s=f"{pairs / max(summary.seconds['flow'], 1e-9):.1f}", failed=summary.failed)
+        bar.set_postfix_str(f"left {eta.text()}, pairs/s {pairs / max(summary.seconds['flow'], 1e-9):.1f}, "
+                            f"failed {summary.failed}", refresh=False)
+        bar.update(1)
     bar.close()
     if opts.retry_failed and failed_before:  # drop the lines of videos that now have their flow
         keep = [e for e in read_errors(out) if not _video_file(out, e["id"]).is_file()]

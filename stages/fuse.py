@@ -228,8 +228,9 @@ def fuse(job: FuseJob, echo: Callable[[str], None] = print) -> FusedRun:
     }
     run = RunDir(job.out, HEAD, config)
     if run.complete:
-        echo(f"cached: {run.path}")
-        return FusedRun(run.path, run.read_json("metrics.json"), cached=True)
+        metrics = run.read_json("metrics.json")
+        echo(f"cached: {_result_line(run.path, metrics)}")
+        return FusedRun(run.path, metrics, cached=True)
 
     # -- normalisation and weights on the fusion fold only; validation and test scores are only combined
     t0 = time.perf_counter()
@@ -272,8 +273,13 @@ def fuse(job: FuseJob, echo: Callable[[str], None] = print) -> FusedRun:
     run.plot_learning_curve([])
     run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
-    inputs = ", ".join(f"{n} {100 * a:.2f}" for n, a in metrics["input_accuracy"].items())
-    echo(f"{run.path}: weights {', '.join(f'{w:.2f}' for w in metrics['weights'])} -> accuracy "
-         f"{100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  mAP {100 * metrics['map']:.2f}"
-         f"  (inputs: {inputs})")
+    echo(_result_line(run.path, metrics))
     return FusedRun(run.path, metrics, cached=False)
+
+
+def _result_line(path: Path, metrics: dict) -> str:
+    """A fused run's weights and test metrics in one line (a cached run prints it after ``cached:``)."""
+    inputs = ", ".join(f"{n} {100 * a:.2f}" for n, a in (metrics.get("input_accuracy") or {}).items())
+    return (f"{path}: weights {', '.join(f'{w:.2f}' for w in metrics.get('weights', []))} -> accuracy "
+            f"{100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  mAP {100 * metrics['map']:.2f}"
+            f"  (inputs: {inputs})")

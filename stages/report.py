@@ -3,14 +3,18 @@
 ``write_report(RUNS, OUT)`` reads every complete run directory under ``RUNS`` (any depth: ``config.json`` plus
 ``metrics.json`` plus the ``COMPLETE`` marker) and writes::
 
-    OUT/leaderboard.csv   one row per head and config: mean and std (population, as pipeline.metrics.mean_std)
-                          over splits and seeds of accuracy, Hit@5 and mAP (fractions), mean fit seconds,
-                          parameter count, the runs it averages
+    OUT/leaderboard.csv   one row per head and config: mean and sample standard deviation (n - 1; empty for a
+                          single run) over the config's runs (its splits and seeds) of accuracy, Hit@5 and mAP
+                          (fractions), mean fit seconds, parameter count, the splits and seeds, the runs it averages
     OUT/leaderboard.md    the same in percent, for a README or an issue
     OUT/report.html       self-contained (PNG images inline as base64, no script or style from elsewhere):
                           the leaderboard, a bar chart of the heads, per-class AP as a heatmap, validation
                           learning curves from the runs' logs, and each config's learning curve and confusion
                           matrix (the runs' own PNGs)
+
+A config run on fewer splits than the config with the most is marked (``fewer_splits`` in the CSV, a dagger in
+the markdown, the HTML and the bar chart): its mean is over other test sets, so its rank is not a like-for-like
+comparison.
 
 A "config" is a run's ``config.json`` without its split and seeds (every key named ``split`` or ``seed``, at
 any depth), so the runs of one setting over splits and seeds land in one row. Its label lists the settings
@@ -34,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.metrics import mean_std
 from pipeline.runs import COMPLETE, config_hash
 
 __all__ = ["Row", "RunRecord", "collect_runs", "leaderboard", "write_report"]
@@ -64,6 +67,7 @@ class Row:
     settings: str
     runs: list[RunRecord] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    fewer_splits: str = ""  # e.g. "1 of 3 splits" when other configs were run on more splits
 
 
 def _damage(d: Path) -> tuple[dict, dict] | str:
@@ -167,14 +171,27 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
         for src, stem in METRICS:
             vals = [r.metrics.get(src) for r in row.runs]
             vals = [float(v) for v in vals if v is not None]
-            m, sd = mean_std(vals) if vals else (float("nan"), float("nan"))
-            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = m, sd
+            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = sample_mean_std(vals)
         fit = [float(r.metrics["fit_seconds"]) for r in row.runs if r.metrics.get("fit_seconds") is not None]
         row.stats["fit_seconds"] = float(np.mean(fit)) if fit else float("nan")
         row.stats["params"] = row.runs[0].metrics.get("params")
         row.settings += ", did not learn" * any(r.metrics.get("did_not_learn") for r in row.runs)
+    n_splits = {row.key: len(set(_splits_seeds(row)[0].split(",")) - {""}) for row in out}
+    most = max(n_splits.values(), default=0)
+    for row in out:
+        if 0 < n_splits[row.key] < most:
+            row.fewer_splits = f"{n_splits[row.key]} of {most} splits"
     out.sort(key=lambda row: (-np.nan_to_num(row.stats["accuracy_mean"], nan=-1.0), row.head, row.settings))
     return out
+
+
+def sample_mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) over a config's runs; the std is NaN for one run (no spread
+    can be measured from one number), both are NaN for none."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 def _splits_seeds(row: Row) -> tuple[str, str]:
@@ -184,9 +201,11 @@ def _splits_seeds(row: Row) -> tuple[str, str]:
     return ",".join(map(str, splits)), ",".join(map(str, seeds))
 
 
-CSV_COLUMNS = ("rank", "head", "streams", "settings", "n_runs", "splits", "seeds",
+CSV_COLUMNS = ("rank", "head", "streams", "settings", "n_runs", "splits", "seeds", "fewer_splits",
                "accuracy_mean", "accuracy_std", "hit5_mean", "hit5_std", "map_mean", "map_std",
                "fit_seconds", "params", "runs")
+STD_NOTE = "mean ± sample std (n - 1) over a config's runs (its splits and seeds); one run: its value alone"
+DAGGER = "†"
 
 
 def _csv_rows(rows: list[Row]) -> list[dict]:
@@ -194,24 +213,36 @@ def _csv_rows(rows: list[Row]) -> list[dict]:
     for rank, row in enumerate(rows, start=1):
         splits, seeds = _splits_seeds(row)
         out.append({"rank": rank, "head": row.head, "streams": row.streams, "settings": row.settings,
-                    "n_runs": len(row.runs), "splits": splits, "seeds": seeds, **row.stats,
+                    "n_runs": len(row.runs), "splits": splits, "seeds": seeds, "fewer_splits": row.fewer_splits,
+                    **row.stats,
                     "runs": ";".join(str(r.path) for r in row.runs)})
     return out
 
 
 def _pm(row: Row, stem: str) -> str:
+    """``68.75 ± 4.42`` over several runs; a single run's value alone (no spread is measured from one run)."""
     m, sd = row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"]
-    return "n/a" if not np.isfinite(m) else f"{100 * m:.2f} ± {100 * sd:.2f}"
+    if not np.isfinite(m):
+        return "n/a"
+    return f"{100 * m:.2f} ± {100 * sd:.2f}" if np.isfinite(sd) else f"{100 * m:.2f}"
+
+
+def _splits_cell(row: Row) -> str:
+    return _splits_seeds(row)[0] + (f" {DAGGER}" if row.fewer_splits else "")
 
 
 def _markdown(rows: list[Row]) -> str:
-    lines = ["| # | head | streams | settings | runs | accuracy | Hit@5 | mAP | fit s | params |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| # | head | streams | settings | runs | splits | accuracy | Hit@5 | mAP | fit s | params |",
+             "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for rank, row in enumerate(rows, start=1):
         params = row.stats["params"]
         lines.append(f"| {rank} | {row.head} | {row.streams} | {row.settings.replace('|', '/')} | {len(row.runs)} | "
-                     f"{_pm(row, 'accuracy')} | {_pm(row, 'hit5')} | {_pm(row, 'map')} | "
+                     f"{_splits_cell(row)} | {_pm(row, 'accuracy')} | {_pm(row, 'hit5')} | {_pm(row, 'map')} | "
                      f"{row.stats['fit_seconds']:.1f} | {params if params is not None else ''} |")
+    lines.append("")
+    lines.append(f"Accuracy, Hit@5 and mAP in %: {STD_NOTE}."
+                 + (f" {DAGGER} run on fewer splits than other configs: its mean is over other test sets."
+                    if any(row.fewer_splits for row in rows) else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +253,8 @@ def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
@@ -233,22 +265,37 @@ def _label(row: Row, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _bar_chart(rows: list[Row]) -> str:
+def bar_figure(rows: list[Row]):
+    """The accuracy bar chart (a matplotlib figure): a bar per config, an error bar (sample std) only where a config
+    has more than one run, and each value written right of its error bar, never over it."""
     import matplotlib.pyplot as plt
 
     shown = rows[:40]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(shown)))
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.32 * len(shown)))
     y = np.arange(len(shown))
-    means = [100 * np.nan_to_num(r.stats["accuracy_mean"]) for r in shown]
-    stds = [100 * np.nan_to_num(r.stats["accuracy_std"]) for r in shown]
-    ax.barh(y, means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(y, [_label(r) for r in shown], fontsize=8)
+    means = np.array([100 * np.nan_to_num(r.stats["accuracy_mean"]) for r in shown])
+    stds = np.array([100 * r.stats["accuracy_std"] for r in shown])  # NaN: one run, no error bar
+    ax.barh(y, means, color="tab:blue", alpha=0.8)
+    spread = np.isfinite(stds)
+    if spread.any():
+        ax.errorbar(means[spread], y[spread], xerr=stds[spread], fmt="none", ecolor="black", elinewidth=1, capsize=3)
+    ax.set_yticks(y, [(f"{DAGGER} " if r.fewer_splits else "") + _label(r) for r in shown], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("test accuracy (%), mean ± std over splits and seeds")
-    ax.set_xlim(0, 100)
-    for yi, m in zip(y, means):
-        ax.text(min(m + 1, 92), yi, f"{m:.1f}", va="center", fontsize=7)
-    return _png(fig)
+    ends = means + np.where(spread, stds, 0.0)
+    right = max(100.0, float(ends.max(initial=0.0))) + 22  # room for the widest label right of the longest bar
+    ax.set_xlim(0, right)
+    ax.set_xticks(np.arange(0, 101, 20))
+    ax.set_xlabel("test accuracy (%): mean ± sample std over a config's splits and seeds\n(no error bar: one run"
+                  + (f"; {DAGGER} fewer splits than other configs)" if any(r.fewer_splits for r in shown) else ")"),
+                  fontsize=8)
+    for yi, m, sd, end in zip(y, means, stds, ends):
+        text = f"{m:.1f} ± {sd:.1f}" if np.isfinite(sd) else f"{m:.1f}"
+        ax.annotate(text, (end, yi), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
+    return fig
+
+
+def _bar_chart(rows: list[Row]) -> str:
+    return _png(bar_figure(rows))
 
 
 def _ap_heatmap(rows: list[Row], classes: list[str]) -> str:
@@ -287,7 +334,9 @@ def _log_rows(run: RunRecord) -> list[dict]:
     return out
 
 
-def _curves(rows: list[Row]) -> str | None:
+def curves_figure(rows: list[Row]):
+    """Training loss and validation accuracy per epoch of each config's first run, one legend for both panels
+    below them (a legend inside a panel hides the curves), or ``None`` when no run logged validation."""
     import matplotlib.pyplot as plt
 
     series = []
@@ -297,15 +346,22 @@ def _curves(rows: list[Row]) -> str | None:
             series.append((row, log))
     if not series:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.18 * len(series)), layout="constrained")
+    x_key = "step" if all("step" in e for _, log in series for e in log) else "epoch"  # converge logs by step
     for row, log in series:
-        ep = [e["epoch"] for e in log]
-        a1.plot(ep, [e.get("train_loss", np.nan) for e in log], label=_label(row, 40))
-        a2.plot(ep, [e.get("val_accuracy", np.nan) for e in log], label=_label(row, 40))
-    a1.set(xlabel="epoch", ylabel="train loss", title="training loss (first run of each config)")
-    a2.set(xlabel="epoch", ylabel="val accuracy", ylim=(0, 1), title="validation accuracy")
-    a2.legend(fontsize=6, loc="lower right")
-    return _png(fig)
+        x = [e[x_key] for e in log]
+        marker = "o" if len(x) < 4 else None  # a run logged once or twice is a point, not an invisible line
+        (line,) = a1.plot(x, [e.get("train_loss", np.nan) for e in log], marker=marker, label=_label(row, 60))
+        a2.plot(x, [e.get("val_accuracy", np.nan) for e in log], marker=marker, color=line.get_color())
+    a1.set(xlabel=x_key, ylabel="train loss", title="training loss (first run of each config)")
+    a2.set(xlabel=x_key, ylabel="val accuracy", ylim=(0, 1.05), title="validation accuracy (same colours)")
+    fig.legend(loc="outside lower center", ncol=2, fontsize=7, frameon=False)
+    return fig
+
+
+def _curves(rows: list[Row]) -> str | None:
+    fig = curves_figure(rows)
+    return None if fig is None else _png(fig)
 
 
 def _file_b64(path: Path) -> str | None:
@@ -343,11 +399,12 @@ def _html(rows: list[Row], unfinished: list[Path], figures: dict[str, str | None
             "<th>accuracy</th><th>Hit@5</th><th>mAP</th><th>fit s</th><th>params</th></tr>")
     body = []
     for rank, row in enumerate(rows, start=1):
-        splits, seeds = _splits_seeds(row)
+        seeds = _splits_seeds(row)[1]
         params = row.stats["params"]
         body.append(
             f"<tr><td>{rank}</td><td class=l>{e(row.head)}</td><td class=l>{e(row.streams)}</td>"
-            f"<td class=l>{e(row.settings)}</td><td>{len(row.runs)}</td><td>{e(splits)}</td><td>{e(seeds)}</td>"
+            f"<td class=l>{e(row.settings)}</td><td>{len(row.runs)}</td><td>{e(_splits_cell(row))}</td>"
+            f"<td>{e(seeds)}</td>"
             f"<td>{e(_pm(row, 'accuracy'))}</td><td>{e(_pm(row, 'hit5'))}</td><td>{e(_pm(row, 'map'))}</td>"
             f"<td>{row.stats['fit_seconds']:.1f}</td><td>{'' if params is None else params}</td></tr>")
     details = []
@@ -363,7 +420,10 @@ def _html(rows: list[Row], unfinished: list[Path], figures: dict[str, str | None
             if unfinished else "")
     sections = [
         (f"<h1>twostream report</h1><p>{n_runs} runs in {len(rows)} configs under <code>{e(str(root))}</code>, "
-         f"written {e(time.strftime('%Y-%m-%d %H:%M'))}. Mean ± std over splits and seeds; test videos.</p>{note}"),
+         f"written {e(time.strftime('%Y-%m-%d %H:%M'))}. Test videos; {e(STD_NOTE)}."
+         + (f" {DAGGER} marks configs run on fewer splits than others: their mean is over other test sets, so "
+            "their rank is not like for like." if any(r.fewer_splits for r in rows) else "")
+         + f"</p>{note}"),
         f"<h2>Leaderboard</h2><table id=leaderboard>{head}{''.join(body)}</table>",
         f"<h2>Heads</h2>{_img(figures['bars'], 'accuracy per config')}",
         f"<h2>Per-class AP</h2>{_img(figures['ap'], 'per-class AP heatmap')}",

@@ -52,7 +52,7 @@ from pipeline.errors import UserError
 from pipeline.runs import ensure_writable
 
 __all__ = ["FeatureCache", "SweepOutcome", "check_streams", "dedupe", "die_with_parent", "expand", "load_sweep",
-           "run_sweep", "set_value"]
+           "plan_sweep", "run_sweep", "set_value"]
 
 RUN_KEYS = ("head", "grid", "set", "streams", "splits", "seeds")
 TOP_KEYS = ("runs", "set", "streams", "splits", "seeds")
@@ -352,6 +352,50 @@ def _run_one(job) -> dict:
             "pid": os.getpid(), "device": m.get("device"), "notes": notes}
 
 
+def _ray_run_one(job, cache_gb: float) -> dict:
+    """One run inside a Ray worker. Ray reuses worker processes, so a worker keeps its ``FeatureCache`` (stores
+    opened, features loaded) across the runs it is given, as a local pool worker does."""
+    import torch
+
+    if "cache" not in _WORKER:
+        torch.set_num_threads(1)  # one CPU per task, as Ray schedules it
+        _WORKER.update(cache=FeatureCache(cache_gb), device=None)
+    return _run_one(job)
+
+
+def _run_ray(jobs: list, cache_gb: float, done: Callable[[int, dict], None], address: str | None = None,
+             max_retries: int = 3) -> None:
+    """Each job one Ray task (one CPU, and one GPU when the cluster has any), results in completion order.
+
+    Run directories live under ``job.out`` on a filesystem every node mounts; each run is written under its lock
+    (``pipeline.runs.RunDir.claim``), so the same cache, locking and resume hold as for local sweeps. A task whose
+    worker or node dies is retried (``max_retries``): its lock died with it, the half-written directory is reset
+    and trained afresh, so a run is never trained twice into one directory and a dead node costs only its runs in
+    flight.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install -e '.[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot reach a Ray cluster at {address or 'a new local instance'}: {e}") from None
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(_ray_run_one)
+    pending = {task.remote(job, cache_gb): i for i, job in enumerate(jobs)}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            info = ray.get(ready[0])
+        except ray.exceptions.RayError as e:  # retries spent: the worker kept dying
+            info = {"status": "failed", "seconds": 0.0,
+                    "error": f"the Ray task died {max_retries + 1} times: {str(e).splitlines()[0]}"}
+        done(i, info)
+
+
 @dataclass
 class SweepOutcome:
     job: Any
@@ -377,13 +421,17 @@ def _devices() -> list[str]:
 
 
 def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb: float = 4.0,
-              echo: Callable[[str], None] = print) -> list[SweepOutcome]:
+              echo: Callable[[str], None] = print, engine: str = "local",
+              address: str | None = None) -> list[SweepOutcome]:
     """Run every job (cached ones return at once); returns one outcome per job, in job order.
 
-    ``workers == 1`` trains in this process; more start that many worker processes (spawned: torch and HDF5
-    handles do not survive a fork well). A worker process that dies (out of memory, a segfault) fails the runs it
-    held; the others go on in a fresh pool.
+    ``engine="local"``: ``workers == 1`` trains in this process; more start that many worker processes (spawned:
+    torch and HDF5 handles do not survive a fork well). A worker process that dies (out of memory, a segfault)
+    fails the runs it held; the others go on in a fresh pool. ``engine="ray"``: each run is a task on the Ray
+    cluster at ``address`` (``_run_ray``); ``workers`` is ignored (the cluster's resources decide).
     """
+    if engine not in ("local", "ray"):
+        raise UserError(f"unknown sweep engine {engine!r}; engines: local, ray")
     from tqdm.auto import tqdm
 
     from stages.train import check_store_split
@@ -411,10 +459,13 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
         elif info["status"] == "trained":
             say(f"trained {info['run']} ({describe(jobs[i])}): accuracy {100 * info['accuracy']:.2f}, "
                       f"{info['seconds']:.1f} s")
+        else:  # a complete run directory of the same config: nothing trained, its metrics reused
+            say(f"reused  {info['run']} ({describe(jobs[i])}): accuracy {100 * info['accuracy']:.2f}, "
+                "finished before")
         bar.update(1)
         bar.set_postfix(counts)
 
-    if workers <= 1:
+    if workers <= 1 and engine == "local":
         cache = FeatureCache(cache_gb)
         _WORKER.update(cache=cache, device=None)
         try:
@@ -422,10 +473,29 @@ def run_sweep(jobs: Sequence, workers: int = 1, progress: bool = True, cache_gb:
                 done(i, _run_one(job))
         finally:
             _WORKER.clear()
+    elif engine == "ray":
+        _run_ray(jobs, cache_gb, done, address)
     else:
         _run_pool(jobs, workers, cache_gb, done)
     bar.close()
     return outcomes  # type: ignore[return-value]
+
+
+def plan_sweep(jobs: Sequence) -> list[tuple[Any, Path | None, bool, str | None]]:
+    """Per job, without training: (job, its run directory, whether that run is finished, why it cannot run or
+    None). ``sweep --dry-run`` prints it; the stores are opened once and nothing is loaded."""
+    from stages.train import plan_run
+
+    cache = FeatureCache(0.0)
+    out = []
+    for job in jobs:
+        try:
+            run = plan_run(job, cache.open_store, cache.load_manifest).run
+        except UserError as e:
+            out.append((job, None, False, str(e)))
+            continue
+        out.append((job, run.path, run.complete, None))
+    return out
 
 
 def _run_pool(jobs: list, workers: int, cache_gb: float, done: Callable[[int, dict], None]) -> None:

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ from pipeline.store import FeatureStore, file_sha256
 from pipeline.training import (
     TrainingDiverged,
     build_head,
+    check_kernel_budget,
     count_params,
     find_lr,
     fit,
@@ -64,8 +66,8 @@ from pipeline.training import (
     resolve_device,
 )
 
-__all__ = ["EARLY_FUSION_NOTE", "RunResult", "SplitFolds", "TrainJob", "check_store_split", "default_streams",
-           "split_folds", "store_for_split", "train", "train_late_fusion", "train_splits"]
+__all__ = ["EARLY_FUSION_NOTE", "RunPlan", "RunResult", "SplitFolds", "TrainJob", "check_store_split",
+           "default_streams", "plan_run", "result_line", "split_folds", "store_for_split", "train", "train_late_fusion", "train_splits"]
 
 RUN_FORMAT = 2  # bump when the run directory's content changes meaning, so old runs are not reused
 FUSION_FOLD = 0.1  # share of each class's training videos every run holds out for score fusion
@@ -148,8 +150,12 @@ def split_folds(job: TrainJob, store, manifest, streams: tuple[str, ...], val_fr
     if not train_items or not test_items:
         raise UserError(f"split {job.split} leaves {len(train_items)} training and {len(test_items)} test videos")
     if job.fusion_fold > 0 and not fusion_items:
-        raise UserError(f"split {job.split} leaves no videos for the fusion fold (every training group is needed "
-                        "or was trained on by a fine-tuned CNN); fine-tune with a larger --val-fraction")
+        if pinned:
+            raise UserError(f"split {job.split} leaves no videos for the fusion fold (every training group is needed "
+                            "or was trained on by a fine-tuned CNN); fine-tune with a larger --val-fraction")
+        raise UserError(f"split {job.split} has too few training groups per class to hold out a fusion fold (each "
+                        "class keeps one group for training); pass --fusion-fold 0 to train without one (such runs "
+                        "cannot be score-fused)")
     record = None
     if job.fusion_fold > 0:
         record = {"fraction": job.fusion_fold, "seed": FUSION_FOLD_SEED, "n": len(fusion_items),
@@ -170,9 +176,24 @@ def check_store_split(job: TrainJob, open_store: Callable = FeatureStore.open,
     check_split(seen, streams, job.split, [it.id for it in test_items], {})
 
 
-def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
-          open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
-    """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
+@dataclass
+class RunPlan:
+    """What ``train`` resolves before any feature is loaded: configs, store, manifest, folds, and the run's name."""
+
+    entry: Any
+    head_cfg: Any
+    cfg: Any
+    store: Any
+    manifest: Any
+    streams: tuple[str, ...]
+    folds: SplitFolds
+    config: dict
+    run: RunDir
+
+
+def plan_run(job: TrainJob, open_store: Callable = FeatureStore.open,
+             open_manifest: Callable = load_manifest) -> RunPlan:
+    """Resolve ``job`` into its run directory without training (``sweep --dry-run`` marks the finished ones)."""
     entry = HEADS.get(job.head)
     head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
     store = open_store(store_for_split(job.store, job.split))
@@ -185,7 +206,6 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     # -- data: the split joined with the store; the fusion fold, then validation, carved from train by group,
     #    never from videos a fine-tuned CNN was trained on; a split whose test videos a CNN saw is refused
     folds = split_folds(job, store, manifest, streams, cfg.val_fraction, cfg.seed)
-    train_items, val_items, fusion_items, test_items = folds.train, folds.val, folds.fusion, folds.test
 
     # -- the run's name: a hash of everything that decides its result
     config = {
@@ -207,13 +227,25 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         config["finetuned"] = folds.finetuned
     if job.init_from:
         config["init_from"] = _init_source(job.init_from)
-    run = RunDir(job.out, job.head, config)
+    if entry.kind == "sklearn":
+        check_kernel_budget(job.head, len(folds.train), cfg.memory_gb)
+    return RunPlan(entry, head_cfg, cfg, store, manifest, streams, folds, config, RunDir(job.out, job.head, config))
+
+
+def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _echo,
+          open_store: Callable = FeatureStore.open, open_manifest: Callable = load_manifest) -> RunResult:
+    """Run ``job``. ``open_store`` / ``open_manifest`` let a sweep worker pass cached ones (load features once)."""
+    plan = plan_run(job, open_store, open_manifest)
+    entry, head_cfg, cfg, store, manifest = plan.entry, plan.head_cfg, plan.cfg, plan.store, plan.manifest
+    streams, folds, config, run = plan.streams, plan.folds, plan.config, plan.run
+    train_items, val_items, fusion_items, test_items = folds.train, folds.val, folds.fusion, folds.test
     if not run.complete:
         run.claim(echo)  # from here this process alone writes the run (waits while another process trains it)
     if run.complete:
         run.release()
-        echo(f"cached: {run.path}")
-        return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+        metrics = run.read_json("metrics.json")
+        echo(f"cached: {result_line(run.path, metrics)}")
+        return RunResult(run.path, metrics, cached=True)
 
     if store.classes and store.classes != manifest.classes:
         warnings.warn(f"the store was built with other class names than {job.dataset}; labels come from the dataset",
@@ -255,8 +287,9 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
             run.release()  # the run is now named by the rate found; claimed again by run.start()
             run = RunDir(job.out, job.head, config)
             if run.complete:
-                echo(f"cached: {run.path}")
-                return RunResult(run.path, run.read_json("metrics.json"), cached=True)
+                metrics = run.read_json("metrics.json")
+                echo(f"cached: {result_line(run.path, metrics)}")
+                return RunResult(run.path, metrics, cached=True)
         run.start()
         write_lr_find(run.path, lr_find)
         echo(f"{run.path / 'lr_find.png'}")
@@ -318,11 +351,24 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.plot_learning_curve(fitted["history"])
     run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
-    echo(f"{run.path}: accuracy {100 * metrics['accuracy']:.2f}  hit@5 {100 * metrics['hit@5']:.2f}  "
-         f"mAP {100 * metrics['map']:.2f}  ({metrics['n_test']} test videos, best epoch {metrics['best_epoch']}"
-         + (f", {metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else "")
-         + ")")
+    echo(result_line(run.path, metrics))
     return RunResult(run.path, metrics, cached=False)
+
+
+def result_line(path: Path, metrics: dict) -> str:
+    """One line of a finished run's test metrics; a cached run prints the same line after ``cached:``."""
+
+    def pct(key: str) -> str:
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    extra = [f"{metrics['n_test']} test videos" if "n_test" in metrics else None,
+             f"best epoch {metrics['best_epoch']}" if metrics.get("best_epoch") is not None else None,
+             f"{metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else None,
+             "did not learn" if metrics.get("did_not_learn") else None]
+    extra = [e for e in extra if e]
+    return (f"{path}: accuracy {pct('accuracy')}  hit@5 {pct('hit@5')}  mAP {pct('map')}"
+            + (f"  ({', '.join(extra)})" if extra else ""))
 
 
 def _check_finite(scores: np.ndarray, what: str, cfg) -> None:

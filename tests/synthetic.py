@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.store import FeatureStore
@@ -50,6 +51,27 @@ def data_warnings(metrics: dict) -> list[str]:
     """A run's warnings about its data and protocol, without the did-not-learn verdict (tests that train one epoch
     on purpose check the former; the verdict has tests of its own)."""
     return [w for w in metrics["warnings"] if not w.startswith("did not learn")]
+
+
+def write_video(path: Path, n: int, h: int = 48, w: int = 64, seed: int = 0, gray: bool = False) -> Path:
+    """An MJPG .avi of ``n`` frames: one random image shifted 2 pixels right per frame (a known, constant motion)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h), isColor=not gray)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        frame = np.roll(base, 2 * i, axis=1)
+        vw.write(frame[..., 0].copy() if gray else frame)
+    vw.release()
+    return path
+
+
+def write_tiny_folders(root: Path) -> Path:
+    """Folder-per-class layout: 2 classes ("left", "right") x 3 videos of 12-30 frames."""
+    for c, cls in enumerate(["left", "right"]):
+        for k in range(3):
+            write_video(root / cls / f"{cls}{k}.avi", 12 + 6 * k, seed=10 * c + k)
+    return root
 
 
 def run_over_store(store: Path, tmp: Path) -> Path:

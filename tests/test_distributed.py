@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -103,7 +104,7 @@ def test_shard_runs_equal_single_process_then_merge(dataset, reference, tmp_path
         assert s.done == 2 and s.failed == 0
     assert sorted(p.name for p in (store / "shards").glob("*.json")) == [f"{shard_name(i, 3)}.json" for i in range(3)]
     parts = sorted(p.name for p in (store / "parts").glob("*.h5"))  # each with its .sha256
-    assert all(p.startswith("s000") and "of0003-" in p for p in parts)
+    assert all(re.fullmatch(r"s000[0-2]of0003\.a[0-9a-f]{6}-\d{6}\.h5", p) for p in parts)  # shard.attempt-seq
     # a committed shard is never redone: nothing extracted, no new part
     s = extract(dataset, store, CFG, replace(OPTS, shard=(1, 3)))
     assert s.done == 0 and s.skipped == 2 and sorted(p.name for p in (store / "parts").glob("*.h5")) == parts
@@ -114,7 +115,7 @@ def test_shard_runs_equal_single_process_then_merge(dataset, reference, tmp_path
     index = json.loads((store / "index.json").read_text())
     assert sorted(index["parts"]) == parts and sorted(index["videos"]) == reference.ids()
     part, a, b = index["videos"]["left/left1.avi"]
-    assert part.startswith("s0000of0003-") and b - a == 4
+    assert part.startswith("s0000of0003.a") and b - a == 4
     with FeatureStore.open(store) as fs:
         assert_same_features(reference, fs)
 
@@ -135,7 +136,7 @@ def test_merge_names_a_missing_or_uncommitted_shard(dataset, tmp_path):
     assert s.done == 1 and s.skipped == 1  # resumed from its own committed part
     assert merge(store)["videos"] == 6
     # a part that disappears after its shard was committed
-    victim = min((store / "parts").glob("s0002of0003-*.h5"))
+    victim = min((store / "parts").glob("s0002of0003.a*-*.h5"))
     victim.unlink()
     with pytest.raises(ShardError, match=f"shard 2/3: part {victim.name} .* is missing"):
         merge(store)
@@ -192,11 +193,12 @@ def test_ray_worker_killed_mid_shard_is_retried(dataset, reference, ray_cluster,
     runner = threading.Thread(target=lambda: result.update(s=run_ray(dataset, store, CFG, OPTS, shard_size=2,
                                                                      progress=False)))
     runner.start()
-    attempts, first_part = store / "shards" / "s0000of0003.attempts", store / "parts" / "s0000of0003-000000.h5"
-    killed = None
+    attempts = store / "shards" / "s0000of0003.attempts"
+    killed = first_part = None
     deadline = time.time() + 300
     while time.time() < deadline and runner.is_alive():
-        if first_part.exists():
+        first_part = min((store / "parts").glob("s0000of0003.a*-000000.h5"), default=None)
+        if first_part is not None:
             assert not (store / "shards" / "s0000of0003.json").exists(), "shard 0 finished before it could be killed"
             killed = json.loads(attempts.read_text().splitlines()[0])["pid"]
             os.kill(killed, signal.SIGKILL)
@@ -214,3 +216,36 @@ def test_ray_worker_killed_mid_shard_is_retried(dataset, reference, ray_cluster,
     with FeatureStore.open(store) as fs:
         assert_same_features(reference, fs)
     assert merge(store)["videos"] == 6
+
+
+@pytest.mark.faults
+def test_a_shard_attempt_that_writes_after_the_shard_was_committed_is_set_aside(dataset, reference, tmp_path, capsys):
+    """Two attempts of one shard racing: merge keeps the committed one and names the other"""
+    from cli.main import main
+    from pipeline.store import family_parts
+    from stages.distributed import attempt_name
+
+    store = tmp_path / "store"
+    for i in range(2):
+        extract(dataset, store, CFG, replace(OPTS, shard=(i, 2)))
+    with FeatureStore.open(store) as fs:
+        config, classes = fs.config, fs.classes
+        late = {v: {"rgb": fs.get(v, "rgb") + np.float16(1)} for v in fs.ids()[:2]}  # shard 0's first videos
+    committed = family_parts(store, shard_name(0, 2))
+    # an attempt cut off from the cluster keeps writing after another attempt committed shard 0
+    zombie = attempt_name(shard_name(0, 2))
+    with FeatureStore.writer(store, config, classes, name=zombie, only_own=shard_name(0, 2)) as w:
+        w.done.clear()  # it started before the other attempt committed: it believes these videos are still to do
+        for v, f in late.items():
+            w.add(v, f, {"frame_indices": np.arange(4)})
+    (zombie_part,) = (store / "parts").glob(f"{zombie}-*.h5")
+    assert family_parts(store, shard_name(0, 2)) == sorted([*committed, zombie_part])  # both attempts' parts
+    main(["merge", str(store)])  # returns on success (errors exit)
+    err = capsys.readouterr().err
+    assert f"superseded s0000of0002: {zombie_part.name}" in err
+    assert (store / "superseded" / zombie_part.name).is_file() and not zombie_part.exists()
+    index = json.loads((store / "index.json").read_text())
+    assert index["superseded"] == [zombie_part.name] and not index["duplicates"]
+    with FeatureStore.open(store) as fs:
+        assert not fs.duplicates
+        assert_same_features(reference, fs)  # the committed attempt's features, not the zombie's

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -17,30 +16,14 @@ from pipeline.sampling import Sampling, sample_indices
 from pipeline.store import FeatureStore
 from pipeline.video import choose_backend, decode
 from stages.isolation import isolated_map
+from tests.synthetic import write_tiny_folders, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_video(path: Path, n: int, h: int = 48, w: int = 64, seed: int = 0, gray: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (w, h), isColor=not gray)
-    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    for i in range(n):
-        frame = np.roll(base, 2 * i, axis=1)
-        vw.write(frame[..., 0].copy() if gray else frame)
-    vw.release()
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    """Folder-per-class layout: 2 classes x 3 videos of 12-30 frames."""
-    root = tmp_path_factory.mktemp("tiny")
-    for c, cls in enumerate(["left", "right"]):
-        for k in range(3):
-            write_video(root / cls / f"{cls}{k}.avi", 12 + 6 * k, seed=10 * c + k)
-    return root
+    return write_tiny_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def run_cli_subprocess(*args) -> tuple[int, str]:
@@ -51,7 +34,7 @@ def run_cli_subprocess(*args) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
-FAST = ["--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
+FAST = ["--streams", "rgb", "--frames", "4", "--quiet", "--workers", "1", "--commit-every", "2"]
 
 
 def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
@@ -67,7 +50,7 @@ def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
     assert m["n_frames"] == 24 and list(m["frame_indices"]) == [3, 9, 15, 21]
     parts_before = sorted(p.name for p in (store / "parts").iterdir())
     code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST)
-    assert code == 0 and "done 0, skipped 6" in out, out
+    assert code == 0 and "done 0, skipped 6 (already in the store), failed 0 of 6 in" in out, out
     assert sorted(p.name for p in (store / "parts").iterdir()) == parts_before
     code, out = run_cli("info", store, "--json")
     assert code == 0
@@ -79,11 +62,13 @@ def test_extract_info_and_idempotent_rerun(tiny_dataset, tmp_path, run_cli):
 
 def test_different_config_is_refused(tiny_dataset, tmp_path, run_cli):
     store = tmp_path / "store"
-    assert run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")[0] == 0
-    code, out = run_cli_subprocess("extract", tiny_dataset, "--out", store, *FAST[2:], "--frames", "5")
+    code, out = run_cli("extract", tiny_dataset, "--out", store, *FAST, "--limit", "1")
+    assert code == 0 and "done 1, skipped 0 (already in the store), failed 0 of 6, 5 left for the next run" in out
+    code, out = run_cli_subprocess("extract", tiny_dataset, "--out", store, *FAST[:2], *FAST[4:], "--frames", "5")
     assert code == 2
     lines = out.strip().splitlines()
     assert len(lines) == 1 and "different config" in lines[0] and "Traceback" not in out
+    assert "sampling.frames: 4 (store) vs 5 (requested)" in lines[0] and "backbones" not in lines[0], lines[0]
 
 
 def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, run_cli):
@@ -91,8 +76,8 @@ def test_kill_9_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, run_cli):
     assert run_cli("extract", tiny_dataset, "--out", ref, *FAST)[0] == 0
     store = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "cli.main", "extract", str(tiny_dataset), "--out", str(store), "--frames", "4",
-            "--quiet", "--workers", "1", "--commit-every", "1"]
+    args = [sys.executable, "-m", "cli.main", "extract", str(tiny_dataset), "--out", str(store), "--streams", "rgb",
+            "--frames", "4", "--quiet", "--workers", "1", "--commit-every", "1"]
     p = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     deadline = time.time() + 300

@@ -450,3 +450,45 @@ def test_train_into_an_unwritable_out_is_one_line_before_features_load(run_cli, 
                         "--out", tmp_path / "file" / "runs", "--quiet", "--set", "epochs=1")
     _one_error_line(code, out, "cannot write runs to", str(tmp_path / "file" / "runs"))
     assert not loaded
+
+
+@pytest.mark.faults
+@pytest.mark.slow  # a local Ray instance (seconds to start) and four runs, one killed mid-training
+def test_ray_sweep_survives_a_killed_worker_and_trains_each_run_once(dataset, tmp_path):
+    """a Ray worker killed mid-run (`sweep --engine ray`): retried, every run complete, each epoch logged once"""
+    ray = pytest.importorskip("ray")
+    root, store = dataset
+    out = tmp_path / "runs"
+    epochs = 60
+    (tmp_path / "s.yaml").write_text(
+        f"set: {{epochs: {epochs}, patience: 0, batch_size: 4, frames: 4, eval_every: 0}}\n"
+        "runs:\n  - head: temporal-pool\n    streams: [rgb]\n    grid: {segments: [1, 2, 3, 4]}\n")
+    jobs = dedupe(expand(load_sweep(tmp_path / "s.yaml"), str(store), str(root), str(out)))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}})
+    try:
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(o=run_sweep(jobs, progress=False, engine="ray")))
+        runner.start()
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and runner.is_alive():
+            for d in out.glob("temporal-pool-*"):
+                log, lock = d / "train_log.jsonl", out / f".{d.name}.lock"
+                if log.is_file() and log.stat().st_size > 0 and not (d / COMPLETE).exists() and lock.is_file():
+                    pid = lock.read_text().strip()
+                    if pid:
+                        killed = int(pid)
+                        os.kill(killed, signal.SIGKILL)  # the Ray worker training this run
+                        break
+            time.sleep(0.05)
+        runner.join(timeout=600)
+        assert killed is not None and not runner.is_alive()
+    finally:
+        ray.shutdown()
+    assert not [o for o in result["o"] if o.failed], [o.info for o in result["o"] if o.failed]
+    runs = sorted(out.glob("temporal-pool-*"))
+    assert len(runs) == 4 and all((d / COMPLETE).is_file() for d in runs)
+    for d in runs:
+        assert _train_log_epochs(d) == list(range(1, epochs + 1)), d.name  # the killed run reset, not appended to
+    assert killed not in {o.info.get("pid") for o in result["o"]}  # its run finished in another worker

@@ -20,25 +20,20 @@ import stages.extract as ex
 from pipeline.sampling import Sampling
 from pipeline.store import DamagedPart, FeatureStore, StoreWriteError, verify_store
 from stages.extract import ExtractConfig, RunOptions, extract
-from tests.test_extract import write_video
+from tests.synthetic import write_tiny_folders, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny random-weight CNN: the code path of any backbone at a fraction of the cost.
 CFG = ExtractConfig(sampling=Sampling(mode="frames", frames=4), backbone="timm:test_efficientnet", weights="random")
 OPTS = RunOptions(workers=0, commit_every=2, progress=False)
-FAST = ["--backbone", "timm:test_efficientnet", "--weights", "random", "--frames", "4", "--quiet", "--workers", "0",
-        "--commit-every", "2"]
+FAST = ["--streams", "rgb", "--backbone", "timm:test_efficientnet", "--weights", "random", "--frames", "4", "--quiet",
+        "--workers", "0", "--commit-every", "2"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """2 classes x 3 small videos."""
-    root = tmp_path_factory.mktemp("faults")
-    for c, cls in enumerate(["left", "right"]):
-        for k in range(3):
-            write_video(root / cls / f"{cls}{k}.avi", 12 + 6 * k, seed=10 * c + k)
-    return root
+    return write_tiny_folders(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")
@@ -483,7 +478,8 @@ def test_train_is_not_cached_after_a_video_is_re_extracted(tmp_path):
 
     root, store = write_ucf_store(tmp_path, ["Alpha", "Beta"], groups=3, clips=1, T=4)
     job = st.TrainJob(store=str(store), dataset=str(root), head="late-pool", streams=("rgb",),
-                      overrides=(("epochs", "1"), ("hidden", "8"), ("frames", "1")), out=str(tmp_path / "runs"))
+                      overrides=(("epochs", "1"), ("hidden", "8"), ("frames", "1")), out=str(tmp_path / "runs"),
+                      fusion_fold=0.0)  # one training group per class: none to spare for a fusion fold
     first = st.train(job, progress=False, echo=lambda _: None)
     assert st.train(job, progress=False, echo=lambda _: None).cached
     with FeatureStore.open(store) as fs:

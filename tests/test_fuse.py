@@ -83,9 +83,13 @@ def test_cross_validated_weights_reproduce_the_better_input(tmp_path):
         assert (res.path / f).is_file(), f
     with np.load(res.path / "weights.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["weights_"], m["weights"])
+    said = []
     again = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out"), normalize="zscore"),
-                 echo=lambda m: None)
+                 echo=said.append)
     assert again.cached and again.path == res.path
+    assert said == [f"cached: {res.path}: weights {', '.join(f'{w:.2f}' for w in m['weights'])} -> accuracy "
+                    f"{100 * m['accuracy']:.2f}  hit@5 {100 * m['hit@5']:.2f}  mAP {100 * m['map']:.2f}  (inputs: "
+                    + ", ".join(f"{n} {100 * a:.2f}" for n, a in m["input_accuracy"].items()) + ")"]
     # auto (these heads are not torch heads: temperature per run) flattens the noise run to near-uniform
     # log-probabilities, so whatever its weight the fused predictions are the informative run's
     auto = fuse(FuseJob(runs=(str(bad), str(good)), out=str(tmp_path / "out")), echo=lambda m: None).metrics

@@ -140,6 +140,15 @@ def test_every_run_of_a_split_holds_out_the_same_fusion_fold(tmp_path):
     assert a.metrics["n_train"] == 30 - len(fold)  # no validation: the fold is still held out
 
 
+def test_a_split_too_small_for_a_fusion_fold_says_how_to_train_without_one(tmp_path):
+    """One training group per class: the fold cannot be carved, and the refusal names the way out."""
+    root, store = write_ucf_store(tmp_path, CLASSES, groups=3, T=4)
+    with pytest.raises(UserError, match="too few training groups per class .* --fusion-fold 0"):
+        train(_job(root, store, tmp_path, streams=("rgb",)), **QUIET)
+    run = train(_job(root, store, tmp_path, streams=("rgb",), fusion_fold=0.0), **QUIET)
+    assert run.metrics["n_fusion"] == 0 and json.loads((run.path / "config.json").read_text())["fusion_fold"] is None
+
+
 def test_three_split_protocol_with_one_store_per_split(tmp_path):
     """`train 'STORE-{split}' --splits 1,2`: each split on the store fine-tuned on it; the mean over splits. One
     store fine-tuned on split 1 for both splits is refused."""

@@ -63,7 +63,7 @@ def test_uncommitted_work_is_invisible_and_resumes(tmp_path):
 
 def test_different_config_is_refused(tmp_path):
     FeatureStore.writer(tmp_path / "s", CFG).close()
-    with pytest.raises(StoreError, match="frames: 4 .store. vs 8 .now."):
+    with pytest.raises(StoreError, match=r"^\S+ was built with a different config \(frames: 4 \(store\) vs 8 \(requested\)\); "):
         FeatureStore.writer(tmp_path / "s", {**CFG, "frames": 8})
 
 
@@ -103,3 +103,84 @@ def test_errors_file_and_prune(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "s" / "errors.jsonl").read_text().splitlines()]
     assert [(e["id"], e["message"]) for e in lines] == [("bad.avi", "boom again")]
     assert [e["id"] for e in FeatureStore.open(tmp_path / "s").errors()] == ["bad.avi"]
+
+
+def _write(path, vids, name, seed=0, commit_every=2):
+    rng = np.random.default_rng(seed)
+    with FeatureStore.writer(path, CFG, ["a"], name=name, commit_every=commit_every) as w:
+        for v in vids:
+            w.add(v, _video(rng), _meta())
+
+
+def _view(fs):
+    """Everything a reader answers, to compare an indexed open with one that read every part."""
+    return (fs.ids(), list(fs.locations()), fs.duplicates, fs.fingerprint, fs.streams, len(fs), fs.info()["frames"],
+            [p.name for p in fs.parts])
+
+
+def test_open_reads_the_index_not_the_parts_and_folds_in_new_parts(tmp_path, monkeypatch):
+    import pipeline.store as st
+
+    _write(tmp_path / "s", [f"v{i}" for i in range(6)], "w1")
+    first = _view(FeatureStore.open(tmp_path / "s"))  # builds and saves index.npz
+    assert (tmp_path / "s" / st.INDEX_NAME).is_file()
+    reads = []
+    real = st.read_part_index
+    monkeypatch.setattr(st, "read_part_index", lambda p: reads.append(p.name) or real(p))
+    assert _view(FeatureStore.open(tmp_path / "s")) == first and reads == []  # no part opened
+    _write(tmp_path / "s", ["v2", "x0"], "w0")  # another writer: a duplicate of v2 in a part that sorts first
+    fs = FeatureStore.open(tmp_path / "s")
+    assert reads == ["w0-000000.h5"]  # only the new part
+    (tmp_path / "s" / st.INDEX_NAME).unlink()
+    monkeypatch.setattr(st, "read_part_index", real)
+    assert _view(fs) == _view(FeatureStore.open(tmp_path / "s"))  # = a reader that read every part
+    assert fs.duplicates == {"v2": ["w0-000000.h5", "w1-000001.h5"]} and fs.ids()[-1] == "x0"
+    np.testing.assert_array_equal(fs.get("v2"), FeatureStore.open(tmp_path / "s").get("v2"))
+
+
+def test_a_changed_or_removed_part_rebuilds_the_index_and_says_so(tmp_path):
+    import pipeline.store as st
+
+    _write(tmp_path / "s", [f"v{i}" for i in range(6)], "w")
+    FeatureStore.open(tmp_path / "s")
+    (tmp_path / "s" / "parts" / "w-000001.h5").unlink()  # as `verify --repair` moves a damaged part away
+    said = []
+    fs = FeatureStore.open(tmp_path / "s", log=said.append)
+    assert fs.ids() == ["v0", "v1", "v4", "v5"] and "v2" not in fs
+    assert len(said) == 1 and "changed or removed" in said[0] and "w-000001.h5" in said[0]
+    part = tmp_path / "s" / "parts" / "w-000000.h5"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated after it was indexed
+    with pytest.raises(st.DamagedPart, match="w-000000.h5"):
+        FeatureStore.open(tmp_path / "s", log=said.append)
+    (tmp_path / "s" / st.INDEX_NAME).write_bytes(b"not an index")  # unreadable: rebuilt from the parts
+    part.unlink()
+    assert FeatureStore.open(tmp_path / "s").ids() == ["v4", "v5"]
+
+
+def test_a_store_that_cannot_be_written_is_indexed_in_memory(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.store as st
+
+    _write(tmp_path / "s", ["a", "b", "c"], "w")
+
+    def refuse(self, path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(st.StoreIndex, "save", refuse)  # as on a read-only mount (root writes a 0o555 folder)
+    assert FeatureStore.open(tmp_path / "s").ids() == ["a", "b", "c"]
+    assert not (tmp_path / "s" / st.INDEX_NAME).exists()
+
+
+def test_random_access_keeps_a_bounded_number_of_parts_open(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = {f"v{i:02d}": _video(rng) for i in range(24)}
+    with FeatureStore.writer(tmp_path / "s", CFG, ["a"], commit_every=1) as w:  # one part per video
+        for v, f in feats.items():
+            w.add(v, f, _meta())
+    fs = FeatureStore.open(tmp_path / "s")
+    fs.OPEN_PARTS = 4
+    for v in rng.permutation(list(feats)).tolist() * 2:
+        np.testing.assert_array_equal(fs.get(v), feats[v]["rgb"])
+        assert len(fs._files) <= 4
+    assert [len(a) for a in fs.load("rgb")] == [4] * 24

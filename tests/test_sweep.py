@@ -189,12 +189,21 @@ def test_failing_run_is_reported_and_the_sweep_goes_on(dataset, tmp_path):
         args += ["--set", f"{k}={v}"]
     res = CliRunner().invoke(sweep, args)
     assert res.exit_code == 1, res.output
-    assert "2 runs, 1 trained, 0 cached, 1 failed" in res.output and "is not C x 3 x 3" in res.output
+    assert "2 runs, 1 trained, 0 reused (finished before), 1 failed" in res.output and "is not C x 3 x 3" in res.output
     assert len(_complete(out)) == 1
     log = [json.loads(line) for line in (out / "sweep-log.jsonl").read_text().splitlines()]
     assert sorted(row["status"] for row in log) == ["failed", "trained"]
     res = CliRunner().invoke(sweep, args + ["--dry-run"])
     assert res.exit_code == 0 and "2 runs" in res.output and "hidden=8" in res.output
+    finished = next(out.glob("temporal-pool-*"))
+    lines = res.output.splitlines()
+    assert any(line.strip().startswith("finished") and "temporal-pool" in line and str(finished) in line
+               for line in lines), res.output
+    assert any(line.strip().startswith("to train") and "conv-pool" in line for line in lines), res.output
+    assert "1 to train, 1 finished" in res.output
+    res = CliRunner().invoke(sweep, args)  # the finished run is named as reused, not only counted
+    assert any(line.startswith("reused") and finished.name in line for line in res.output.splitlines()), res.output
+    assert "2 runs, 0 trained, 1 reused (finished before), 1 failed" in res.output
 
 
 # ---------------------------------------------------------------------------------------------- resume

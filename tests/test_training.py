@@ -300,7 +300,11 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
     mtime = (res.path / "metrics.json").stat().st_mtime_ns
     again = st.train(job, progress=False, echo=messages.append)
     assert again.cached and again.path == res.path and again.metrics == m
-    assert messages == [f"cached: {res.path}"] and (res.path / "metrics.json").stat().st_mtime_ns == mtime
+    assert messages == [f"cached: {res.path}: accuracy {100 * m['accuracy']:.2f}  hit@5 {100 * m['hit@5']:.2f}  "
+                        f"mAP {100 * m['map']:.2f}  ({m['n_test']} test videos, best epoch {m['best_epoch']}, "
+                        f"{m['recipe']} recipe, stopped: {m['stop_reason']}"
+                        + (", did not learn" if m["did_not_learn"] else "") + ")"]
+    assert (res.path / "metrics.json").stat().st_mtime_ns == mtime
     # A different seed is a different run.
     with pytest.raises(pytest.fail.Exception):
         st.train(dataclasses.replace(job, seed=1), progress=False, echo=lambda m: None)
@@ -579,3 +583,37 @@ def test_cli_find_lr_writes_plot_and_applies_the_rate(dataset, tmp_path):
     cfg = json.loads((done / "config.json").read_text())
     assert cfg["train"]["lr"] == pytest.approx(found["suggested_lr"], rel=1e-2) and cfg["lr_from"] == "find-lr"
     assert (done / "lr_find.png").is_file()
+
+
+def test_streamed_training_equals_in_memory_training(dataset, tmp_path):
+    """A training set over the memory budget (``memory_gb``) is read from the store video by video; the same seed
+    gives the same batches, so the run's scores are those of in-memory training."""
+    import stages.train as st
+
+    root, store_path = dataset
+    runs = {}
+    for gb in ("4", "0"):
+        job = st.TrainJob(store=str(store_path), dataset=str(root), head="temporal-pool", streams=("rgb",),
+                          overrides=(("memory_gb", gb), ("frames", "4")), out=str(tmp_path / "runs"))
+        runs[gb] = st.train(job, progress=False, echo=lambda m: None)
+    assert runs["4"].path != runs["0"].path  # two runs, not one cached
+    a, b = (np.load(r.path / "scores_test.npz")["scores"] for r in runs.values())
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert runs["4"].metrics["accuracy"] == runs["0"].metrics["accuracy"]
+
+
+def test_kernel_baselines_refuse_a_training_set_whose_kernels_do_not_fit(dataset, tmp_path):
+    """n x n chi-square kernels grow with the square of the training set: refused in one line, nothing written."""
+    import stages.train as st
+    from pipeline.errors import UserError
+    from pipeline.training import check_kernel_budget
+
+    check_kernel_budget("svm", 9_537, 4.0)  # UCF101 split 1 fits the default budget
+    with pytest.raises(UserError, match=r"240,000 training videos need about 1,287 GB"):
+        check_kernel_budget("svm", 240_000, 4.0)  # Kinetics-400
+    root, store_path = dataset
+    job = st.TrainJob(store=str(store_path), dataset=str(root), head="svm", streams=("rgb",),
+                      overrides=(("memory_gb", "1e-7"),), out=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="svm: kernel matrices over .* use a torch head"):
+        st.train(job, progress=False, echo=lambda m: None)
+    assert not list((tmp_path / "runs").glob("svm-*"))

@@ -170,7 +170,8 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def write_scores(self, name: str, ids, labels, scores, classes) -> None:
-        """``ids`` (unicode), ``labels`` [N] int64, ``scores`` [N, C] float32, ``classes``: loads with allow_pickle=False."""
+        """``ids`` (unicode), ``labels`` [N] int64 (multi-label data: a 0/1 matrix [N, C]), ``scores`` [N, C] float32,
+        ``classes``: loads with allow_pickle=False."""
         arrays = {"ids": np.asarray(list(ids), dtype=str), "labels": np.asarray(labels, dtype=np.int64),
                   "scores": np.asarray(scores, dtype=np.float32), "classes": np.asarray(list(classes), dtype=str)}
         _atomic(self.path / name, lambda f: np.savez(f, **arrays))

@@ -264,3 +264,15 @@ def test_set_poolings_cannot_learn_order(name, overrides):
     # so a video's score is the same in any frame order: chance on these classes, like max pooling
     acc = order_accuracy(name, **overrides)
     assert abs(acc - CHANCE) < 0.15, acc
+
+
+def test_beyond_sweep_puts_the_new_heads_next_to_the_papers_best():
+    from pathlib import Path
+
+    from stages.sweep import expand, load_sweep
+
+    jobs = expand(load_sweep(Path(__file__).parents[1] / "examples" / "beyond.yaml"), "S", "D", "O")
+    heads = {j.head for j in jobs}
+    assert set(NEW_HEADS) | {"ts-lstm", "temporal-inception"} <= heads
+    for j in jobs:  # every setting is a valid key with a valid value
+        resolve_configs(j.head, dict(j.overrides))

@@ -49,6 +49,7 @@ __all__ = [
     "CONVERGE",
     "TrainConfig",
     "TrainingDiverged",
+    "batch_loss",
     "build_head",
     "count_params",
     "find_lr",

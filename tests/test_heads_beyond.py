@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import UserError
 from pipeline.features import VideoFeatures
 from pipeline.heads import HEADS
 from pipeline.heads.attention_pool import masked_softmax, sinusoidal_table
 from pipeline.heads.vlad import ContextGating, MixtureOfExperts, NetVLAD
-from pipeline.errors import UserError
 from pipeline.training import build_head, fit, predict, resolve_configs
 
 torch.set_num_threads(1)

@@ -51,7 +51,7 @@ from pipeline.heads.base import Head
 from pipeline.heads.temporal_pool import FrameBatchNorm
 from pipeline.registry import HEADS
 
-__all__ = ["ContextGating", "MixtureOfExperts", "NetVLAD", "NetVLADConfig", "NeXtVLAD", "NeXtVLADConfig", "VLADHead"]
+__all__ = ["ContextGating", "MixtureOfExperts", "NeXtVLAD", "NeXtVLADConfig", "NetVLAD", "NetVLADConfig", "VLADHead"]
 
 CLASSIFIERS = ("linear", "moe")
 

@@ -81,7 +81,7 @@ def test_appending_padding_changes_no_output(name, train):
     ("netvlad", {}, True), ("nextvlad", {}, True), ("attention-pool", {"positions": "none"}, True),
     ("transformer", {"positions": "none", "pool": "mean"}, True),
     ("attention-pool", {}, False), ("attention-pool", {"positions": "sinusoidal"}, False),
-    ("transformer", {}, False), ("transformer", {"positions": "sinusoidal"}, False),
+    ("transformer", {}, False), ("transformer", {"positions": "learned"}, False),
 ])
 def test_which_heads_see_frame_order(name, overrides, blind):
     model = build(name, overrides).eval()

@@ -37,7 +37,7 @@ STORE_SETTINGS = {**{h: ("frames=25",) for h in NG}, **{h: ("any_rate=true",) fo
 STORE_SETTINGS["conv-pool"] += ("grid=1",)
 # Heads whose score depends on frame order (Ma et al. 3.2-3.3, Ng et al. 3.2, Wu et al. 3.2) and order-blind poolings
 # (Ng et al. 3.1 Late Pooling, Karpathy's Single-Frame, Ma et al.'s temporal max pooling over one segment).
-# Beyond the papers: attention pooling and the Transformer read learned positions by default, so they must see order;
+# Beyond the papers: attention pooling and the Transformer read positions by default, so they must see order;
 # NetVLAD and attention without positions sum over frames, so they are expected not to.
 ORDER_HEADS = ["lstm", "ts-lstm", "deep-lstm", "stream-lstm", "temporal-vgg", "temporal-inception", "temporal-pool",
                "attention-pool", "transformer"]

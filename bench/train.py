@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         data = VideoFeatures(store, ids, np.arange(n) % 101, ("rgb", "flow"), frames=FRAMES, memory_gb=64)
         results["dataset_s"] = time.perf_counter() - t0
-        print(f"VideoFeatures in memory ([N, 25, 4096] float16, sampling and stream concat): {results['dataset_s']:.2f} s")
+        print(f"VideoFeatures in memory ([N, {FRAMES}, {2 * DIM}] float16, sampling and stream concat): {results['dataset_s']:.2f} s")
 
         results["epochs"] = []
         for name in [h for h in args.heads.split(",") if h]:

@@ -5,14 +5,15 @@ seed, store and manifest fingerprints), holds::
 
     config.json         the resolved config (what the hash is of)
     weights.safetensors torch heads; kernel baselines write weights.npz (their learned numeric arrays, no pickle)
-    metrics.json        accuracy, hit@1, hit@5, map, per_class_ap, per_class_accuracy (by class name), n_test,
-                        confusion, val accuracy, best epoch, fit seconds, parameter count
+    metrics.json        accuracy, hit@1, hit@5, map, gap@20, per_class_ap, per_class_accuracy (by class name), n_test,
+                        confusion, val accuracy, best epoch, fit seconds, parameter count (multi-label data:
+                        ``multi_label``, accuracy = Hit@1, no per-class accuracy or confusion)
     scores_val.npz      per-video class scores: ids, labels, scores [N, C] (raw: logits / decision values),
     scores_fusion.npz   classes, of validation, the fusion fold every run of the split holds out, and test.
     scores_test.npz     The input of score fusion: weights are fitted on the fusion fold, never on val or test.
     train_log.jsonl     one JSON line per epoch
     learning_curve.png  train loss and val accuracy per epoch
-    confusion.png       row-normalised test confusion matrix
+    confusion.png       row-normalised test confusion matrix (single-label data)
     COMPLETE            written last; a directory without it is a run that did not finish and is redone
 
 Every file is written to ``NAME.partial`` and renamed, so a reader never sees half a file.
@@ -170,7 +171,8 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def write_scores(self, name: str, ids, labels, scores, classes) -> None:
-        """``ids`` (unicode), ``labels`` [N] int64, ``scores`` [N, C] float32, ``classes``: loads with allow_pickle=False."""
+        """``ids`` (unicode), ``labels`` [N] int64 (multi-label data: a 0/1 matrix [N, C]), ``scores`` [N, C] float32,
+        ``classes``: loads with allow_pickle=False."""
         arrays = {"ids": np.asarray(list(ids), dtype=str), "labels": np.asarray(labels, dtype=np.int64),
                   "scores": np.asarray(scores, dtype=np.float32), "classes": np.asarray(list(classes), dtype=str)}
         _atomic(self.path / name, lambda f: np.savez(f, **arrays))

@@ -146,9 +146,12 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and population std (ddof=0) over splits, as in "94.1 +- 0.6" style reports."""
+    """Mean and sample standard deviation (ddof=1) over runs (splits, seeds), as in "94.1 +- 0.6" style reports;
+    the std is NaN for one value (no spread can be measured from one number), both are NaN for none."""
     v = np.asarray(list(values), dtype=np.float64)
-    return float(v.mean()), float(v.std())
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 def _nan_to_none(x: float) -> float | None:

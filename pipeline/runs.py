@@ -258,7 +258,7 @@ SUMMARY_KEYS = ("accuracy", "hit@1", "hit@5", "map")
 
 
 def write_summary(out: str | os.PathLike, head: str, runs: dict[int, tuple[str, dict]]) -> tuple[Path, dict]:
-    """Mean +- std over splits of the headline metrics: ``OUT/<head>-splits-<hash12>.json`` and ``.md``.
+    """Mean +- sample std over splits of the headline metrics: ``OUT/<head>-splits-<hash12>.json`` and ``.md``.
 
     ``runs`` maps split -> (run directory name, metrics). The hash is of the run names, so the same runs give
     the same summary file.
@@ -270,14 +270,15 @@ def write_summary(out: str | os.PathLike, head: str, runs: dict[int, tuple[str, 
     for key in SUMMARY_KEYS:
         vals = [runs[s][1][key] for s in splits]
         m, sd = mean_std(vals)
-        summary[key] = {"mean": m, "std": sd, "per_split": vals}
+        summary[key] = {"mean": m, "std": sd if np.isfinite(sd) else None, "per_split": vals}
     base = Path(out) / f"{head}-splits-{config_hash(summary['runs'])}"
     write_json(base.with_suffix(".json"), summary)
     lines = [f"# {head}: {len(splits)} splits", "", "| metric | mean | std | " + " | ".join(f"split {s}" for s in splits) + " |",
              "|---|---|---|" + "---|" * len(splits)]
     for key in SUMMARY_KEYS:
         r = summary[key]
-        lines.append(f"| {key} | {100 * r['mean']:.2f} | {100 * r['std']:.2f} | "
+        std = "" if r["std"] is None else f"{100 * r['std']:.2f}"
+        lines.append(f"| {key} | {100 * r['mean']:.2f} | {std} | "
                      + " | ".join(f"{100 * v:.2f}" for v in r["per_split"]) + " |")
     text = "\n".join(lines) + "\n"
     _atomic(base.with_suffix(".md"), lambda f: f.write(text.encode()))

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.metrics import mean_std
 from pipeline.runs import COMPLETE, config_hash
 
 __all__ = ["Row", "RunRecord", "collect_runs", "leaderboard", "write_report"]
@@ -172,7 +173,7 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
         for src, stem in METRICS:
             vals = [r.metrics.get(src) for r in row.runs]
             vals = [float(v) for v in vals if v is not None]
-            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = sample_mean_std(vals)
+            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = mean_std(vals)
         fit = [float(r.metrics["fit_seconds"]) for r in row.runs if r.metrics.get("fit_seconds") is not None]
         row.stats["fit_seconds"] = float(np.mean(fit)) if fit else float("nan")
         row.stats["params"] = row.runs[0].metrics.get("params")
@@ -184,15 +185,6 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
             row.fewer_splits = f"{n_splits[row.key]} of {most} splits"
     out.sort(key=lambda row: (-np.nan_to_num(row.stats["accuracy_mean"], nan=-1.0), row.head, row.settings))
     return out
-
-
-def sample_mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) over a config's runs; the std is NaN for one run (no spread
-    can be measured from one number), both are NaN for none."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 def _splits_seeds(row: Row) -> tuple[str, str]:

@@ -482,6 +482,6 @@ def train_splits(job: TrainJob, splits: list[int], progress: bool = True, echo: 
     name = f"{job.head}-late-fusion" if late_fusion else job.head
     path, summary = write_summary(job.out, name, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
     a = summary["accuracy"]
-    echo(f"{name} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f} +- {100 * a['std']:.2f}"
-         f"  ({path})")
+    spread = "" if a["std"] is None else f" +- {100 * a['std']:.2f} (sample std)"
+    echo(f"{name} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f}{spread}  ({path})")
     return results, path, summary

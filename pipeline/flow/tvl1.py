@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .tvl1_cpu import inner_loop
+from .tvl1_cpu import load as load_fused
+
 __all__ = ["TVL1Config", "median5", "tvl1"]
 
 _FLT_EPS = 1.1920929e-07  # numeric_limits<float>::epsilon(), OpenCV's guard on |grad I1|^2
@@ -164,11 +167,8 @@ def median5(x: torch.Tensor) -> torch.Tensor:
     # window 2k: quad k + column 2k+4; window 2k+1: column 2k+1 + quad k+1
     even = _median_of_quad_and_column([q[..., :ne] for q in quad], [c[..., 2:2 + ne] for c in ev])
     odd = _median_of_quad_and_column([q[..., 1:1 + no] for q in quad], [c[..., :no] for c in od])
-    if ne == no:  # interleave in one copy
-        out = torch.stack((even, odd), -1).reshape(-1, h, w)
-    else:
-        out = x.new_empty(xp.shape[0], h, w)
-        out[..., 0::2], out[..., 1::2] = even, odd
+    out = x.new_empty(xp.shape[0], h, w)
+    out[..., 0::2], out[..., 1::2] = even, odd  # (3x faster than torch.stack((even, odd), -1) here)
     return out.reshape(shape)
 
 
@@ -267,11 +267,12 @@ def _warp(img: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor
     return F.grid_sample(padded, grid, mode="bicubic", padding_mode="zeros", align_corners=True)
 
 
-def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median):
+def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median, fused=None):
     """Warps x (outer x inner) iterations at one pyramid level; returns the refined (u1, u2).
 
     Per-pair stopping: only the pairs still running (``idx``) are iterated. When a pair converges its state is
     written back and it leaves the working set until the next warp, so it stops exactly where it would alone.
+    With ``fused`` (the C inner loop of tvl1_cpu.py) the pairs run one after the other, each inner loop one call.
     """
     n, h, w = i0.shape
     ix, iy = _centered_gradient(i1)
@@ -289,6 +290,15 @@ def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median):
         rho_c = i1w - i1wx * u1 - i1wy * u2 - i0  # rho(u) = rho_c + grad I1w . u  (IPOL Eq. 12)
         g = torch.stack((i1wx, i1wy), 1)  # [N,2,H,W]
         const = [-rho_c * inv, g * -inv[:, None], g]  # a, b, grad I1w
+        if fused is not None:
+            for k in range(n):
+                sk, ck = [t[k] for t in state], [t[k] for t in const]
+                for _ in range(cfg.outer_iterations):
+                    if cfg.median_filtering > 1:
+                        median(state[0][k:k + 1])
+                    if inner_loop(fused, *sk, *ck, lt, cfg.tau, taut, cfg.inner_iterations, eps2):
+                        break
+            continue
         idx = torch.arange(n, device=i0.device)  # pairs still iterating in this warp
         sub, csub = state, const  # the working set: all pairs, then fewer (copies) as pairs converge
         for _ in range(cfg.outer_iterations):
@@ -343,18 +353,24 @@ def _downscale(img: torch.Tensor, size: tuple[int, int], scale: float) -> torch.
 
 
 @torch.no_grad()
-def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, **params) -> torch.Tensor:
+def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, kernel: str = "auto",
+         **params) -> torch.Tensor:
     """TV-L1 flow from ``prev`` to ``nxt``: float [N,1,H,W] (intensities 0..255) x2 -> [N,2,H,W] (x, y; pixels).
 
     ``nxt(p + flow(p)) ~ prev(p)``, OpenCV's ``calc(prev, nxt)`` convention. ``params`` are :class:`TVL1Config`
     fields. ``compile=True`` runs the primal-dual iteration through ``torch.compile`` (first call compiles).
+    ``kernel``: ``auto`` runs the inner loop as fused C on CPU tensors where it can be built (tvl1_cpu.py; the
+    same arithmetic) and torch ops elsewhere; ``torch`` always runs torch ops.
     """
     cfg = TVL1Config(**params)
     if prev.shape != nxt.shape or prev.dim() != 4 or prev.shape[1] != 1:
         raise ValueError(f"expected two [N,1,H,W] tensors, got {tuple(prev.shape)} and {tuple(nxt.shape)}")
     if cfg.median_filtering not in (0, 1, 5):
         raise ValueError(f"median_filtering must be 0, 1 (off) or 5, got {cfg.median_filtering}")
+    if kernel not in ("auto", "torch"):
+        raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
     step, median = _kernels(compile)
+    fused = load_fused() if kernel == "auto" and not compile and prev.device.type == "cpu" else None
     i0s, i1s = [prev[:, 0].float()], [nxt[:, 0].float()]  # [N,H,W]
     for _ in range(1, cfg.nscales):
         size = _pyramid_size(*i0s[-1].shape[-2:], cfg.scale_step)
@@ -365,7 +381,7 @@ def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, **para
     u1 = torch.zeros_like(i0s[-1])
     u2 = torch.zeros_like(i0s[-1])
     for s in range(len(i0s) - 1, -1, -1):
-        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, cfg, step, median)
+        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, cfg, step, median, fused)
         if s:
             up = F.interpolate(torch.stack((u1, u2), 1), size=i0s[s - 1].shape[-2:], mode="bilinear",
                                align_corners=False) / cfg.scale_step  # [N,2,h,w]

@@ -14,10 +14,10 @@ counts and the speed-up is taken within the same run. Features are compared by c
 from __future__ import annotations
 
 import argparse
-import warnings
 import os
 import tempfile
 import time
+import warnings
 
 import cv2
 import numpy as np

@@ -51,12 +51,12 @@ from pipeline.registry import BACKBONES
 __all__ = [
     "Backbone",
     "BackboneConfig",
+    "OnnxRuntimeBackbone",
     "build_backbone",
     "cross_modality_init",
     "embedded_weights_path",
     "file_sha256",
     "load_by_position",
-    "OnnxRuntimeBackbone",
     "view_aggregation",
     "view_record",
 ]

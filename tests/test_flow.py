@@ -337,6 +337,21 @@ def test_fused_cpu_iteration_matches_torch_iteration():
     assert inner_loop(fn, U[0], PX[0], PY[0], a[0], b[0], gr[0], 0.045, 0.25, 0.25 / 0.3, 30, 1e9)
 
 
+@pytest.mark.parametrize("h, w", [(20, 7), (21, 8), (17, 33), (96, 128)])
+def test_fused_cpu_median_is_the_torch_median_bit_for_bit(h, w):
+    from pipeline.flow.tvl1 import _median_
+    from pipeline.flow.tvl1_cpu import load, median_
+
+    fn = load()
+    if fn is None:
+        pytest.skip("no C compiler: TV-L1 runs its torch median")
+    U = torch.randn(2, h + 1, w + 1, generator=torch.Generator().manual_seed(h * w))
+    ref = U.clone()[None]
+    _median_(ref)
+    median_(fn, U)
+    assert torch.equal(U, ref[0])  # and the torch median is OpenCV's medianBlur (test_median5_is_exact)
+
+
 def test_tvl1_fused_kernel_and_worker_threads_keep_the_flow(known_pairs, tvl1_known):
     """Fused C loop vs torch ops: the same flow up to float rounding; worker threads change nothing."""
     p, n, gt = known_pairs

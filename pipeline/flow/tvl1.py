@@ -17,7 +17,9 @@ IPOL 2013 (Algorithm 1 and 2), in the variant OpenCV's ``DualTVL1OpticalFlow`` i
 
 Batching: ``N`` pairs run in lock step, but every pair keeps its own stopping state. A converged pair is frozen
 (its updates are masked out) until the next warp, exactly as it would stop when run alone, so a pair's result
-does not depend on its batch mates. All code is device agnostic (CPU and CUDA run the same ops).
+does not depend on its batch mates. All code is device agnostic (CPU and CUDA run the same ops); on the CPU the
+inner loop and the median run as fused C where a C compiler is found (tvl1_cpu.py: the same arithmetic, the median
+bit for bit), pair after pair.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from .tvl1_cpu import inner_loop
 from .tvl1_cpu import load as load_fused
+from .tvl1_cpu import median_ as median_fused
 
 __all__ = ["TVL1Config", "median5", "tvl1"]
 
@@ -295,7 +298,7 @@ def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median, fused=None):
                 sk, ck = [t[k] for t in state], [t[k] for t in const]
                 for _ in range(cfg.outer_iterations):
                     if cfg.median_filtering > 1:
-                        median(state[0][k:k + 1])
+                        median_fused(fused, sk[0])
                     if inner_loop(fused, *sk, *ck, lt, cfg.tau, taut, cfg.inner_iterations, eps2):
                         break
             continue

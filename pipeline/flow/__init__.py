@@ -5,7 +5,7 @@
 ``calc(prev, nxt)``. Methods:
 
 * ``tvl1``: batched PyTorch TV-L1 (tvl1.py; Zach et al. 2007 / Sanchez et al. IPOL 2013, OpenCV's defaults),
-  CPU or CUDA.
+  CPU or CUDA; on the CPU its inner loop and median run as fused C (tvl1_cpu.py).
 * ``brox``: batched PyTorch Brox et al. 2004 (brox.py; dense_flow's defaults), CPU or CUDA.
 * ``tvl1-opencv``, ``dis``, ``farneback``: OpenCV on the CPU (opencv_flow.py).
 
@@ -44,8 +44,9 @@ def default_params(method: str) -> dict:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Pairs per call: 1 on CPU (batches of 8 / 32 leave the cache and wait for their slowest pair: 1.35x / 1.32x
-    OpenCV's rate against 1.68x for single pairs at 340x256 in bench/flow.py), 128 on a GPU to fill the device."""
+    """Pairs per call: 1 on CPU (pairs run one after the other in the fused loop anyway, and a batch's pyramid and
+    warps leave the cache: batch 8 ran at 8.4x OpenCV's rate against 9.0x for single pairs at 340x256 in
+    bench/flow.py), 128 on a GPU to fill the device."""
     return 1 if device.type == "cpu" else 128
 
 

@@ -10,17 +10,22 @@ CPU-second of this process (with one thread: pairs/s on an idle core); on a GPU 
     python bench/flow.py --quick              # 340x256 only, 8 pairs, batch 1 and 8
     python bench/flow.py --batch-sizes 1,8 --pairs 8 --compile no --rounds 3   # batch-1 ratio, robust to load
     python bench/flow.py --device cuda --batch-sizes 32,128,512
+    python bench/flow.py --load-table --pairs 8   # thread modes x (quiet, busy: one spinning process per core)
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
 import torch
 
-from pipeline.flow import compute_flow
+from pipeline.flow import compute_flow, tvl1
 
 
 def load_frames(n: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -85,6 +90,70 @@ def timed(fn, *args, **kwargs):
     return out, CLOCK() - t
 
 
+@contextmanager
+def busy_cores(n: int):
+    """``n`` processes that spin on a core each (``while True: pass``) for the duration: a machine under load."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _intra_op(prev, nxt, threads: int) -> np.ndarray:
+    """Our TV-L1 pair by pair, torch ops on ``threads`` intra-op threads (how compute_flow ran before the fused
+    CPU loop and the single-threaded workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = [tvl1(torch.from_numpy(prev[k:k + 1]).float()[:, None], torch.from_numpy(nxt[k:k + 1]).float()[:, None],
+                     kernel="torch") for k in range(len(prev))]
+    finally:
+        torch.set_num_threads(before)
+    return torch.cat(outs).numpy()
+
+
+def load_table(n: int, size: tuple[int, int], busy: int) -> None:
+    """Quiet vs busy side by side: OpenCV and our TV-L1 under several thread layouts, wall and CPU time."""
+    prev, nxt, gt = make_pairs(n, size)
+    cores = os.cpu_count() or 1
+
+    def opencv(threads):
+        cv2.setNumThreads(threads)
+        return compute_flow(prev, nxt, "tvl1-opencv")
+
+    modes = [
+        ("OpenCV DualTVL1", "1 thread", lambda: opencv(1)),
+        ("OpenCV DualTVL1", f"{cores} threads", lambda: opencv(cores)),
+        ("tvl1 (ours)", "1 thread", lambda: compute_flow(prev, nxt, "tvl1", threads=1)),
+        ("tvl1 (ours, torch ops)", "1 thread (before)", lambda: _intra_op(prev, nxt, 1)),
+        ("tvl1 (ours, torch ops)", f"{cores} intra-op threads (before)", lambda: _intra_op(prev, nxt, cores)),
+        ("tvl1 (ours)", f"{cores} workers x 1 thread (default)", lambda: compute_flow(prev, nxt, "tvl1", threads=cores)),
+    ]
+    rows = {}
+    for load in ("quiet", "busy"):
+        ctx = busy_cores(busy) if load == "busy" else contextmanager(lambda: (yield))()
+        with ctx:
+            for name, layout, fn in modes:
+                w, c = time.perf_counter(), time.process_time()
+                out = fn()
+                w, c = time.perf_counter() - w, time.process_time() - c
+                rows[load, name, layout] = (n / w, n / c, epe(out, gt))
+    print(f"# TV-L1 under load: {n} pairs at {size[0]}x{size[1]}, {cores} cores, busy = {busy} spinning processes; "
+          f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}\n")
+    print("| method | threads | quiet pairs/s | quiet pairs/CPU-s | x OpenCV 1 thread | busy pairs/s | "
+          "busy pairs/CPU-s | x OpenCV 1 thread | EPE / OpenCV's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, layout, _ in modes:
+        q, b = rows["quiet", name, layout], rows["busy", name, layout]
+        q0, b0 = rows["quiet", modes[0][0], modes[0][1]], rows["busy", modes[0][0], modes[0][1]]
+        print(f"| {name} | {layout} | {q[0]:.2f} | {q[1]:.2f} | {q[1] / q0[1]:.2f} | {b[0]:.2f} | {b[1]:.2f} | "
+              f"{b[1] / b0[1]:.2f} | {q[2] / q0[2]:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="340x256 only, 8 pairs, batch sizes 1 and 8")
@@ -100,7 +169,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternate OpenCV and ours this many times; "
                     "ratios are per round, medians printed")
     ap.add_argument("--no-reference", action="store_true", help="skip Brox, DIS and Farneback")
+    ap.add_argument("--load-table", action="store_true", help="only the quiet-vs-busy thread-layout table "
+                    "(first size, --pairs pairs, default 8)")
+    ap.add_argument("--busy", type=int, default=os.cpu_count(), help="spinning processes for the busy phase")
     args = ap.parse_args()
+    if args.load_table:
+        size = tuple(int(v) for v in args.sizes.split(",")[0].split("x"))
+        load_table(args.pairs or 8, size, args.busy)
+        return
     if args.quick:
         args.sizes, args.batch_sizes, args.pairs = "340x256", "1,8", args.pairs or 8
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -144,7 +220,7 @@ def main() -> None:
             m = min(n, max(bs, 8 if bs == 1 else bs))
             rate, ratio = float(np.median(rates[comp, bs])), float(np.median(ratios[comp, bs]))
             e, e_ref = epe(outs[comp, bs], gt[:m]), epe(ref[:m], gt[:m])
-            name = "tvl1 (ours, compiled)" if comp else "tvl1 (ours, eager)"
+            name = "tvl1 (ours, torch.compile)" if comp else "tvl1 (ours)"
             print(f"| {name} | {bs} | {rate:.2f} | {ratio:.2f} | {e:.3f} | {e / e_ref:.2f} | {notes.get(comp, '')} |")
         if args.no_reference:
             continue

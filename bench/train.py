@@ -8,8 +8,9 @@ flow features, 4096 dims per frame in float16 here. This script
    numpy reading the raw files (``fromfile`` or ``readinto`` a preallocated array, the faster of the two); the issue's target is store >= 0.8x raw speed. Both are timed with a
    warm page cache (best of ``--repeats``), which is the stage-two situation: the store is read again and
    again by runs over the same features;
-2. times one training epoch of ``ts-lstm`` and ``temporal-inception`` (their paper optimiser settings and batch
-   sizes) on those features held in memory: seconds per epoch and videos per second.
+2. times one training epoch of ``ts-lstm`` and ``temporal-inception`` (or the ``--heads`` given, each with its
+   default recipe's optimiser and batch size) on those features held in memory: seconds per epoch, videos per
+   second and parameters. ``--dim 1280`` gives each stream the 1280 dims of EfficientNet-Lite0 features.
 
 ``--fraction`` scales the number of videos (the full set needs ~6 GB of RAM at the peak); per-epoch figures
 are extrapolated to 9,537 videos from the measured videos/s, and the output says so.
@@ -17,6 +18,7 @@ are extrapolated to 9,537 videos from the measured videos/s, and the output says
     PYTHONPATH=. python bench/train.py --quick                  # 954 videos, 10 batches per head (`make bench`)
     PYTHONPATH=. python bench/train.py --fraction 0.25          # 2 shared CPU cores
     PYTHONPATH=. python bench/train.py --device cuda             # the full set on a GPU machine
+    PYTHONPATH=. python bench/train.py --quick --dim 1280 --heads ts-lstm,netvlad,nextvlad,attention-pool,transformer
 """
 
 from __future__ import annotations
@@ -134,10 +136,12 @@ def time_epoch(head_name: str, data, device: torch.device, max_batches: int | No
 
 
 def main(argv=None) -> dict:
+    global DIM
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fraction", type=float, default=1.0, help="share of the 9,537 videos to generate")
     p.add_argument("--repeats", type=int, default=4, help="load timings: best of this many")
     p.add_argument("--heads", default="ts-lstm,temporal-inception")
+    p.add_argument("--dim", type=int, default=2048, help="dims per stream (2048: ResNet-101, 1280: EfficientNet-Lite0)")
     p.add_argument("--max-batches", type=int, default=0, help="stop an epoch after this many batches (0: full)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dir", default=None, help="where to write the data (default: a temporary folder, removed)")
@@ -145,6 +149,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="10%% of the videos, 10 batches per head (`make bench`)")
     args = p.parse_args(argv)
+    DIM = args.dim
     if args.quick:
         args.fraction, args.max_batches = min(args.fraction, 0.1), args.max_batches or 10
 
@@ -175,7 +180,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         data = VideoFeatures(store, ids, np.arange(n) % 101, ("rgb", "flow"), frames=FRAMES, memory_gb=64)
         results["dataset_s"] = time.perf_counter() - t0
-        print(f"VideoFeatures in memory ([N, 25, 4096] float16, sampling and stream concat): {results['dataset_s']:.2f} s")
+        print(f"VideoFeatures in memory ([N, {FRAMES}, {2 * DIM}] float16, sampling and stream concat): {results['dataset_s']:.2f} s")
 
         results["epochs"] = []
         for name in [h for h in args.heads.split(",") if h]:

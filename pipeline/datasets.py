@@ -14,7 +14,10 @@ Four input layouts end in the same :class:`Manifest` (video ids, labels, class n
 ``csv``     ``path,label[,split]`` (``csv=FILE``, ``ROOT/manifest.csv``, or ``load_manifest("x.csv")`` whose
             folder is the root). An optional header row names the columns. Labels are class names; classes
             are sorted (numerically when every name is an integer). ``split`` is ``train`` or ``test`` and
-            defines split 1; an empty value leaves the video out of the split.
+            defines split 1; an empty value leaves the video out of the split. A label cell may name several
+            classes, ``label1|label2`` (multi-label data such as Sports-1M or YouTube-8M): the dataset is then
+            multi-label (:attr:`Manifest.multi_label`), every video carries all its classes in ``labels`` and
+            its first listed class in ``label`` (used to balance splits by class).
 ``folders`` one folder per class, videos anywhere below it (extensions in :data:`VIDEO_EXTENSIONS`);
             classes are the sorted folder names that hold at least one video. Files directly in ROOT are ignored.
 
@@ -82,6 +85,7 @@ class VideoItem:
     path: Path  # absolute, resolved
     label: int  # index into Manifest.classes
     group: str  # "Class_gGG" for UCF101-style names, the source video for HMDB51 clips, else the id
+    labels: tuple[int, ...] = ()  # multi-label data: every class of the video, sorted; () for single-label data
 
 
 @dataclass
@@ -94,6 +98,11 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.videos)
+
+    @property
+    def multi_label(self) -> bool:
+        """True when videos carry several classes (a CSV with ``label1|label2`` cells)."""
+        return any(v.labels for v in self.videos)
 
     def by_id(self) -> dict[str, VideoItem]:
         return {v.id: v for v in self.videos}
@@ -120,6 +129,8 @@ class Manifest:
             "videos": [[v.id, v.label] for v in self.videos],
             "splits": {str(k): sorted(s.items()) for k, s in sorted(self.splits.items())},
         }
+        if self.multi_label:  # single-label manifests keep the fingerprint they always had
+            payload["labels"] = [[v.id, list(v.labels)] for v in self.videos]
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -487,21 +498,26 @@ def _read_csv(res: _Resolver, path: Path) -> Manifest:
         cell = dict(zip(columns, cells))
         if not cell["label"]:
             raise ManifestError(f"{where}: empty label")
+        if "|" in cell["label"] and not all(p.strip() for p in cell["label"].split("|")):
+            raise ManifestError(f"{where}: empty class name in the labels {cell['label']!r} (write 'a|b')")
         split = cell.get("split")
         if split is not None:
             split = split.lower()
             if split not in ("train", "test", ""):
                 raise ManifestError(f"{where}: split must be 'train' or 'test', got {cell['split']!r}")
         entries.append((cell["path"], cell["label"], split, where))
-    names = sorted({e[1] for e in entries})
+    multi = any("|" in e[1] for e in entries)
+    listed = {e[3]: [p.strip() for p in e[1].split("|")] if multi else [e[1]] for e in entries}
+    names = sorted({n for ns in listed.values() for n in ns})
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         names.sort(key=int)
     label_of = {n: i for i, n in enumerate(names)}
+    labels_of: dict[str, tuple[int, ...]] = {}
 
     rows: dict[str, tuple[Path, int]] = {}
     membership: dict[str, str] = {}
     seen: dict[str, str] = {}
-    for path_text, label, split, where in entries:
+    for path_text, _label, split, where in entries:
         found = res.resolve(res.check(path_text, where), where)
         if found is None:
             continue
@@ -509,13 +525,16 @@ def _read_csv(res: _Resolver, path: Path) -> Manifest:
         if vid in seen:
             raise ManifestError(f"{where}: {vid} is listed twice (first at {seen[vid]})")
         seen[vid] = where
-        rows[vid] = (real, label_of[label])
+        rows[vid] = (real, label_of[listed[where][0]])
+        if multi:
+            labels_of[vid] = tuple(sorted({label_of[n] for n in listed[where]}))
         if split:
             membership[vid] = split
     res.raise_missing(str(path))
     has_split = "split" in columns
+    videos = [replace(v, labels=labels_of[v.id]) for v in _items(rows)] if multi else _items(rows)
     return Manifest(
-        root=res.root, classes=names, videos=_items(rows), splits={1: membership} if has_split else {}, source="csv"
+        root=res.root, classes=names, videos=videos, splits={1: membership} if has_split else {}, source="csv"
     )
 
 

@@ -200,6 +200,9 @@ def _n_stored(store, ids: Sequence[str]) -> list[int]:
 class VideoFeatures(torch.utils.data.Dataset):
     """Features of a list of videos: item ``i`` is ``(x [T_i, D] float16 tensor, label)``.
 
+    ``labels``: class indices [N] (single-label data), or for multi-label data an indicator matrix [N, C] (held as
+    float32, so a batch's ``y`` is the [B, C] target of a per-class sigmoid loss).
+
     ``in_memory=None`` decides by ``memory_gb``: the float16 bytes of the sampled frames must fit, else each
     item is read from the store when asked (h5py reads one video's slice of a part). Fixed-T data in memory is
     one ``[N, T, D]`` array, so a batch is a single index operation.
@@ -214,7 +217,8 @@ class VideoFeatures(torch.utils.data.Dataset):
             if s not in dims:
                 raise UserError(f"the feature store has no stream {s!r}; it has: {', '.join(dims)}")
         self.store, self.ids, self.streams, self.frames = store, list(ids), tuple(streams), int(frames)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels)
+        self.labels = labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64)
         self.stream_dims = tuple(int(dims[s]) for s in self.streams)
         self.dim = sum(self.stream_dims)
         n_frames = [self.frames] * len(self.ids) if self.frames > 0 else _n_stored(store, self.ids)
@@ -266,11 +270,16 @@ class VideoFeatures(torch.utils.data.Dataset):
             x = x[sample_frames(len(x), self.frames)]
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.item(i), int(self.labels[i])
+        return self.item(i), (torch.from_numpy(self.labels[i]) if self.multi_label else int(self.labels[i]))
 
     def batch(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(x [B, T, D] float16, mask [B, T] bool or None, y [B] int64)`` for the videos in ``index``."""
+        """``(x [B, T, D] float16, mask [B, T] bool or None, y)`` for the videos in ``index``; ``y`` is [B] int64, or
+        [B, C] float32 for multi-label data."""
         index = list(index)
         y = torch.from_numpy(self.labels[index])
         if isinstance(self._data, np.ndarray):

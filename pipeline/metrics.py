@@ -5,6 +5,9 @@ What the papers report:
 - Hit@k, "the fraction of test samples that contain at least one of the ground truth labels in the top k
   predictions" (Karpathy et al. Section 4.1, Ng et al. Section 4 "Evaluation");
 - average precision per class and their mean, mAP (Wu et al. Section 4.1 for CCV);
+- Global Average Precision at k, GAP@20 (the YouTube-8M measure, Abu-El-Haija et al. 2016, Sec. 4.2): the top k
+  predictions of every video pooled into one list ranked by score, and its average precision against the total
+  number of ground-truth labels;
 - per-class accuracy and the confusion matrix (for the run's plots);
 - mean +- std over the three UCF101 / HMDB51 splits.
 
@@ -22,10 +25,12 @@ __all__ = [
     "average_precision",
     "classification_report",
     "confusion_matrix",
+    "gap_at_k",
     "hit_at_k",
     "label_matrix",
     "mean_average_precision",
     "mean_std",
+    "multilabel_report",
     "per_class_accuracy",
     "top_k",
 ]
@@ -102,6 +107,29 @@ def mean_average_precision(scores: np.ndarray, y: np.ndarray) -> float:
     return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
+def gap_at_k(scores: np.ndarray, y: np.ndarray, k: int = 20) -> float:
+    """Global Average Precision of the top ``k`` predictions per video (Abu-El-Haija et al. 2016, Sec. 4.2).
+
+    The ``k`` highest-scoring (video, class) pairs of every video are pooled and ranked by score (ties: the order
+    of ``top_k`` then of the videos); GAP = sum_i precision@i * rel_i / P, where rel_i says whether pair i is a
+    true label and P is the number of true labels of all videos (also those outside any top k, so a label never
+    ranked costs recall), as the YouTube-8M evaluation code does.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        return float("nan")
+    truth = label_matrix(y, scores.shape[1])  # [N, C]
+    top = top_k(scores, k)  # [N, k]
+    s = np.take_along_axis(scores, top, axis=1).ravel()  # [N*k]
+    rel = np.take_along_axis(truth, top, axis=1).ravel()  # [N*k]
+    positives = truth.sum()
+    if positives == 0:
+        return float("nan")
+    rel = rel[np.argsort(-s, kind="stable")]
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / positives)
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts [C, C]: row = true class, column = predicted class (scikit-learn's convention)."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -118,9 +146,12 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and population std (ddof=0) over splits, as in "94.1 +- 0.6" style reports."""
+    """Mean and sample standard deviation (ddof=1) over runs (splits, seeds), as in "94.1 +- 0.6" style reports;
+    the std is NaN for one value (no spread can be measured from one number), both are NaN for none."""
     v = np.asarray(list(values), dtype=np.float64)
-    return float(v.mean()), float(v.std())
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -128,11 +159,14 @@ def _nan_to_none(x: float) -> float | None:
 
 
 def classification_report(scores: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
-    """All metrics of a run's ``metrics.json`` for single-label ground truth ``y`` [N].
+    """All metrics of a run's ``metrics.json`` for single-label ground truth ``y`` [N], or multi-label ground truth
+    (an indicator matrix [N, C]; ``multilabel_report``).
 
     Per-class entries are keyed by class name; classes absent from ``y`` get ``None`` (JSON null).
     """
     scores = np.asarray(scores)
+    if np.asarray(y).ndim == 2:
+        return multilabel_report(scores, y, classes)
     y = np.asarray(y, dtype=np.int64)
     C = len(classes)
     pred = top_k(scores, 1)[:, 0] if len(scores) else np.zeros(0, dtype=np.int64)
@@ -143,8 +177,29 @@ def classification_report(scores: np.ndarray, y: np.ndarray, classes: list[str])
         "hit@1": hit_at_k(scores, y, 1),
         "hit@5": hit_at_k(scores, y, 5),
         "map": mean_average_precision(scores, y) if len(scores) else float("nan"),
+        "gap@20": gap_at_k(scores, y, 20) if len(scores) else float("nan"),
         "per_class_ap": {c: _nan_to_none(a) for c, a in zip(classes, ap)},
         "per_class_accuracy": {c: _nan_to_none(a) for c, a in zip(classes, pca)},
         "confusion": confusion_matrix(y, pred, C).tolist(),
         "n_test": len(y),
+    }
+
+
+def multilabel_report(scores: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """The metrics of multi-label data (``y``: indicator matrix [N, C]): ``accuracy`` is Hit@1 (a top prediction
+    among the video's labels, Karpathy et al. 4.1), then Hit@5, mAP over classes, GAP@20 (YouTube-8M) and per-class
+    AP. A confusion matrix and per-class accuracy have no meaning with several true classes and are left out."""
+    scores = np.asarray(scores)
+    truth = label_matrix(y, len(classes))
+    ap = average_precision(scores, truth) if len(scores) else np.full(len(classes), np.nan)
+    return {
+        "multi_label": True,
+        "accuracy": hit_at_k(scores, truth, 1),
+        "hit@1": hit_at_k(scores, truth, 1),
+        "hit@5": hit_at_k(scores, truth, 5),
+        "map": mean_average_precision(scores, truth) if len(scores) else float("nan"),
+        "gap@20": gap_at_k(scores, truth, 20),
+        "labels_per_video": float(truth.sum(1).mean()) if len(truth) else float("nan"),
+        "per_class_ap": {c: _nan_to_none(a) for c, a in zip(classes, ap)},
+        "n_test": len(truth),
     }

@@ -79,7 +79,8 @@ class Registry:
 
 
 # The generic range rules of ``check_config``, by field name: an int is a size or a count (>= 1) unless named here.
-INT_MAY_BE_ZERO = {"fc", "num_clips", "clip_seed", "seed", "stream"}  # 0 means "none", "every" or an index
+INT_MAY_BE_ZERO = {"fc", "num_clips", "clip_seed", "seed", "stream",
+                   "reduce", "gating_reduction"}  # 0 means "none", "every" or an index
 INT_NONZERO = {"n_jobs"}  # joblib: -1 is every core, 0 is invalid
 FLOAT_POSITIVE = {"C", "tol", "gamma"}  # > 0; any other float is >= 0 (a weight, a penalty, a rate)
 FLOAT_AT_LEAST_ONE = {"p"}  # lp-norm MKL

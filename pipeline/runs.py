@@ -5,8 +5,9 @@ seed, store and manifest fingerprints), holds::
 
     config.json         the resolved config (what the hash is of)
     weights.safetensors torch heads; kernel baselines write weights.npz (their learned numeric arrays, no pickle)
-    metrics.json        accuracy, hit@1, hit@5, map, per_class_ap, per_class_accuracy (by class name), n_test,
-                        confusion, val accuracy, best epoch, fit seconds, parameter count
+    metrics.json        accuracy, hit@1, hit@5, map, gap@20, per_class_ap, per_class_accuracy (by class name), n_test,
+                        confusion, val accuracy, best epoch, fit seconds, parameter count (multi-label data:
+                        ``multi_label``, accuracy = Hit@1, no per-class accuracy or confusion)
     scores_val.npz      per-video class scores: ids, labels, scores [N, C] (raw: logits / decision values),
     scores_fusion.npz   classes, of validation, the fusion fold every run of the split holds out, and test.
     scores_test.npz     The input of score fusion: weights are fitted on the fusion fold, never on val or test.
@@ -14,7 +15,7 @@ seed, store and manifest fingerprints), holds::
                         length): what ``predict`` needs to score new videos; not part of the hash
     train_log.jsonl     one JSON line per epoch
     learning_curve.png  train loss and val accuracy per epoch
-    confusion.png       row-normalised test confusion matrix
+    confusion.png       row-normalised test confusion matrix (single-label data)
     COMPLETE            written last; a directory without it is a run that did not finish and is redone
 
 Every file is written to ``NAME.partial`` and renamed, so a reader never sees half a file.
@@ -172,7 +173,8 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def write_scores(self, name: str, ids, labels, scores, classes) -> None:
-        """``ids`` (unicode), ``labels`` [N] int64, ``scores`` [N, C] float32, ``classes``: loads with allow_pickle=False."""
+        """``ids`` (unicode), ``labels`` [N] int64 (multi-label data: a 0/1 matrix [N, C]), ``scores`` [N, C] float32,
+        ``classes``: loads with allow_pickle=False."""
         arrays = {"ids": np.asarray(list(ids), dtype=str), "labels": np.asarray(labels, dtype=np.int64),
                   "scores": np.asarray(scores, dtype=np.float32), "classes": np.asarray(list(classes), dtype=str)}
         _atomic(self.path / name, lambda f: np.savez(f, **arrays))
@@ -258,7 +260,7 @@ SUMMARY_KEYS = ("accuracy", "hit@1", "hit@5", "map")
 
 
 def write_summary(out: str | os.PathLike, head: str, runs: dict[int, tuple[str, dict]]) -> tuple[Path, dict]:
-    """Mean +- std over splits of the headline metrics: ``OUT/<head>-splits-<hash12>.json`` and ``.md``.
+    """Mean +- sample std over splits of the headline metrics: ``OUT/<head>-splits-<hash12>.json`` and ``.md``.
 
     ``runs`` maps split -> (run directory name, metrics). The hash is of the run names, so the same runs give
     the same summary file.
@@ -270,14 +272,15 @@ def write_summary(out: str | os.PathLike, head: str, runs: dict[int, tuple[str, 
     for key in SUMMARY_KEYS:
         vals = [runs[s][1][key] for s in splits]
         m, sd = mean_std(vals)
-        summary[key] = {"mean": m, "std": sd, "per_split": vals}
+        summary[key] = {"mean": m, "std": sd if np.isfinite(sd) else None, "per_split": vals}
     base = Path(out) / f"{head}-splits-{config_hash(summary['runs'])}"
     write_json(base.with_suffix(".json"), summary)
     lines = [f"# {head}: {len(splits)} splits", "", "| metric | mean | std | " + " | ".join(f"split {s}" for s in splits) + " |",
              "|---|---|---|" + "---|" * len(splits)]
     for key in SUMMARY_KEYS:
         r = summary[key]
-        lines.append(f"| {key} | {100 * r['mean']:.2f} | {100 * r['std']:.2f} | "
+        std = "" if r["std"] is None else f"{100 * r['std']:.2f}"
+        lines.append(f"| {key} | {100 * r['mean']:.2f} | {std} | "
                      + " | ".join(f"{100 * v:.2f}" for v in r["per_split"]) + " |")
     text = "\n".join(lines) + "\n"
     _atomic(base.with_suffix(".md"), lambda f: f.write(text.encode()))

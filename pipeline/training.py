@@ -13,6 +13,10 @@ TrainConfig defaults, then a named recipe (``--set recipe=...``), then ``seed``,
   checkpoint restored. The head keeps its own ``frames`` and weight decay (``HEAD_OWN_KEYS``), and its
   ``converge_defaults`` where its algorithm needs another optimiser (plain SGD for Wu et al.'s proximal updates).
 
+Multi-label data (``y`` an indicator matrix [B, C]) trains every torch head with a per-class sigmoid and binary
+cross-entropy on its video scores (``batch_loss``; the YouTube-8M objective, Abu-El-Haija et al. 2016, Sec. 4),
+in place of the head's own single-label loss; validation then reports that loss and Hit@1.
+
 ``fit`` trains a torch head; a non-finite loss or validation score raises ``TrainingDiverged`` (a ``UserError``),
 and a run whose training loss never falls clearly below its start is flagged "did not learn". ``find_lr`` is the
 learning-rate range test (Smith 2017). ``fit_sklearn`` fits a kernel baseline on video-level features (recipes do
@@ -45,6 +49,7 @@ __all__ = [
     "CONVERGE",
     "TrainConfig",
     "TrainingDiverged",
+    "batch_loss",
     "build_head",
     "count_params",
     "find_lr",
@@ -309,9 +314,22 @@ def predict(head: torch.nn.Module, data: VideoFeatures, device: torch.device, ba
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def batch_loss(head: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """The training loss of a batch: the head's own (``head.loss``) for class indices ``y`` [B]; for multi-label
+    targets ``y`` [B, C] binary cross-entropy of a sigmoid per class on the head's video scores."""
+    if y.dim() == 2:
+        return F.binary_cross_entropy_with_logits(head(x, mask), y.to(x.dtype))
+    return head.loss(x, mask, y)
+
+
 def _val_stats(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(loss, accuracy) on the validation set: cross-entropy and top-1 accuracy, or for multi-label targets
+    [N, C] binary cross-entropy and Hit@1."""
     s = torch.from_numpy(scores)
     t = torch.from_numpy(y)
+    if t.dim() == 2:
+        hit = t.gather(1, s.argmax(1, keepdim=True)) > 0
+        return float(F.binary_cross_entropy_with_logits(s, t.float())), float(hit.float().mean())
     return float(F.cross_entropy(s, t)), float((s.argmax(1) == t).float().mean())
 
 
@@ -390,7 +408,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
         for x, mask, y in iter_batches(train, cfg.batch_size, shuffle=True, generator=gen, drop_single=True):
             x, y = x.to(device, non_blocking=True).float(), y.to(device)  # [B, T, D] float32, [B]
             mask = None if mask is None else mask.to(device)
-            loss = head.loss(x, mask, y)
+            loss = batch_loss(head, x, mask, y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise _diverged(f"the training loss is {value}", step + 1, cfg)
@@ -505,7 +523,7 @@ def find_lr(head: torch.nn.Module, train: VideoFeatures, cfg: TrainConfig, devic
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = x.to(device).float(), y.to(device)
-            loss = head.loss(x, None if mask is None else mask.to(device), y)
+            loss = batch_loss(head, x, None if mask is None else mask.to(device), y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 stopped = "non-finite loss"

@@ -90,6 +90,9 @@ def load_scores(path: Path) -> _Scores:
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); rerun that run") from None
     n = len(s.ids)
+    if s.labels.ndim == 2 and s.labels.shape == s.scores.shape:
+        raise UserError(f"{path} holds multi-label scores; score fusion fits single-label weights and does not "
+                        "combine multi-label runs")
     if s.scores.ndim != 2 or s.scores.shape != (n, len(s.classes)) or s.labels.shape != (n,):
         raise UserError(f"{path} is damaged: scores {s.scores.shape}, {n} ids, {s.labels.shape[0]} labels and "
                         f"{len(s.classes)} classes do not agree; rerun that run")

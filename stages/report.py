@@ -4,8 +4,9 @@
 ``metrics.json`` plus the ``COMPLETE`` marker) and writes::
 
     OUT/leaderboard.csv   one row per head and config: mean and sample standard deviation (n - 1; empty for a
-                          single run) over the config's runs (its splits and seeds) of accuracy, Hit@5 and mAP
-                          (fractions), mean fit seconds, parameter count, the splits and seeds, the runs it averages
+                          single run) over the config's runs (its splits and seeds) of accuracy (Hit@1 on
+                          multi-label data), Hit@5, mAP and GAP@20 (fractions; runs that predate GAP@20 leave it
+                          empty), mean fit seconds, parameter count, the splits and seeds, the runs it averages
     OUT/leaderboard.md    the same in percent, for a README or an issue
     OUT/report.html       self-contained (PNG images inline as base64, no script or style from elsewhere):
                           the leaderboard, a bar chart of the heads, per-class AP as a heatmap, validation
@@ -38,11 +39,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.metrics import mean_std
 from pipeline.runs import COMPLETE, config_hash
 
 __all__ = ["Row", "RunRecord", "collect_runs", "leaderboard", "write_report"]
 
-METRICS = (("accuracy", "accuracy"), ("hit@5", "hit5"), ("map", "map"))  # metrics.json key, column stem
+METRICS = (("accuracy", "accuracy"), ("hit@5", "hit5"), ("map", "map"), ("gap@20", "gap20"))  # key, column stem
 _GROUP_DROP = ("split", "seed")
 
 
@@ -171,7 +173,7 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
         for src, stem in METRICS:
             vals = [r.metrics.get(src) for r in row.runs]
             vals = [float(v) for v in vals if v is not None]
-            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = sample_mean_std(vals)
+            row.stats[f"{stem}_mean"], row.stats[f"{stem}_std"] = mean_std(vals)
         fit = [float(r.metrics["fit_seconds"]) for r in row.runs if r.metrics.get("fit_seconds") is not None]
         row.stats["fit_seconds"] = float(np.mean(fit)) if fit else float("nan")
         row.stats["params"] = row.runs[0].metrics.get("params")
@@ -185,15 +187,6 @@ def leaderboard(runs: list[RunRecord]) -> list[Row]:
     return out
 
 
-def sample_mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) over a config's runs; the std is NaN for one run (no spread
-    can be measured from one number), both are NaN for none."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
-
-
 def _splits_seeds(row: Row) -> tuple[str, str]:
     splits = sorted({r.config.get("split") for r in row.runs if r.config.get("split") is not None})
     seeds = sorted({r.config.get("train", {}).get("seed") for r in row.runs
@@ -202,7 +195,7 @@ def _splits_seeds(row: Row) -> tuple[str, str]:
 
 
 CSV_COLUMNS = ("rank", "head", "streams", "settings", "n_runs", "splits", "seeds", "fewer_splits",
-               "accuracy_mean", "accuracy_std", "hit5_mean", "hit5_std", "map_mean", "map_std",
+               "accuracy_mean", "accuracy_std", "hit5_mean", "hit5_std", "map_mean", "map_std", "gap20_mean", "gap20_std",
                "fit_seconds", "params", "runs")
 STD_NOTE = "mean ± sample std (n - 1) over a config's runs (its splits and seeds); one run: its value alone"
 DAGGER = "†"
@@ -232,15 +225,16 @@ def _splits_cell(row: Row) -> str:
 
 
 def _markdown(rows: list[Row]) -> str:
-    lines = ["| # | head | streams | settings | runs | splits | accuracy | Hit@5 | mAP | fit s | params |",
-             "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| # | head | streams | settings | runs | splits | accuracy | Hit@5 | mAP | GAP@20 | fit s | params |",
+             "|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for rank, row in enumerate(rows, start=1):
         params = row.stats["params"]
         lines.append(f"| {rank} | {row.head} | {row.streams} | {row.settings.replace('|', '/')} | {len(row.runs)} | "
                      f"{_splits_cell(row)} | {_pm(row, 'accuracy')} | {_pm(row, 'hit5')} | {_pm(row, 'map')} | "
+                     f"{_pm(row, 'gap20')} | "
                      f"{row.stats['fit_seconds']:.1f} | {params if params is not None else ''} |")
     lines.append("")
-    lines.append(f"Accuracy, Hit@5 and mAP in %: {STD_NOTE}."
+    lines.append(f"Accuracy, Hit@5, mAP and GAP@20 in %: {STD_NOTE}."
                  + (f" {DAGGER} run on fewer splits than other configs: its mean is over other test sets."
                     if any(row.fewer_splits for row in rows) else ""))
     return "\n".join(lines) + "\n"
@@ -396,7 +390,7 @@ def _img(b64: str | None, alt: str) -> str:
 def _html(rows: list[Row], unfinished: list[Path], figures: dict[str, str | None], root: Path) -> str:
     e = html.escape
     head = ("<tr><th>#</th><th>head</th><th>streams</th><th>settings</th><th>runs</th><th>splits</th><th>seeds</th>"
-            "<th>accuracy</th><th>Hit@5</th><th>mAP</th><th>fit s</th><th>params</th></tr>")
+            "<th>accuracy</th><th>Hit@5</th><th>mAP</th><th>GAP@20</th><th>fit s</th><th>params</th></tr>")
     body = []
     for rank, row in enumerate(rows, start=1):
         seeds = _splits_seeds(row)[1]
@@ -406,6 +400,7 @@ def _html(rows: list[Row], unfinished: list[Path], figures: dict[str, str | None
             f"<td class=l>{e(row.settings)}</td><td>{len(row.runs)}</td><td>{e(_splits_cell(row))}</td>"
             f"<td>{e(seeds)}</td>"
             f"<td>{e(_pm(row, 'accuracy'))}</td><td>{e(_pm(row, 'hit5'))}</td><td>{e(_pm(row, 'map'))}</td>"
+            f"<td>{e(_pm(row, 'gap20'))}</td>"
             f"<td>{row.stats['fit_seconds']:.1f}</td><td>{'' if params is None else params}</td></tr>")
     details = []
     for rank, row in enumerate(rows, start=1):

@@ -198,6 +198,9 @@ def plan_run(job: TrainJob, open_store: Callable = FeatureStore.open,
     head_cfg, cfg = resolve_configs(job.head, dict(job.overrides), seed=job.seed)
     store = open_store(store_for_split(job.store, job.split))
     manifest = open_manifest(job.dataset, job.split_dir)
+    if manifest.multi_label and entry.kind != "torch":
+        raise UserError(f"{job.head} is a single-label kernel baseline and the dataset is multi-label "
+                        "(label1|label2); train a torch head, which learns a sigmoid per class")
     streams = tuple(job.streams) if job.streams else default_streams(store.streams)
     missing = [s for s in streams if s not in store.streams]
     if missing:
@@ -258,7 +261,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
         echo(f"warning: {note}")
 
     def features(items):
-        return VideoFeatures(store, [it.id for it in items], [it.label for it in items], streams,
+        return VideoFeatures(store, [it.id for it in items], labels_of(items, manifest), streams,
                              frames=cfg.frames, memory_gb=cfg.memory_gb)
 
     train_set, val_set = features(train_items), features(val_items)
@@ -319,7 +322,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     test_scores = score(test_set)
     _check_finite(test_scores, "test", cfg)
     metrics = classification_report(test_scores, test_set.labels, classes)
-    if hasattr(head, "clip_logits"):  # Karpathy Table 1 / Ng Table 1: clip and video Hit@k side by side
+    if hasattr(head, "clip_logits") and not manifest.multi_label:  # Karpathy Table 1 / Ng Table 1: clip and video Hit@k side by side
         metrics["clip"] = clip_report(head, test_set, device, cfg.eval_batch_size)
     metrics.update({
         "head": job.head, "split": job.split, "streams": list(streams),
@@ -349,7 +352,8 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     run.write_json("metrics.json", metrics)
     run.write_json("extraction.json", extraction_record(store, streams, [it.id for it in train_items]))
     run.plot_learning_curve(fitted["history"])
-    run.plot_confusion(metrics["confusion"], classes)
+    if "confusion" in metrics:  # single-label data only
+        run.plot_confusion(metrics["confusion"], classes)
     run.mark_complete()
     echo(result_line(run.path, metrics))
     return RunResult(run.path, metrics, cached=False)
@@ -367,8 +371,20 @@ def result_line(path: Path, metrics: dict) -> str:
              f"{metrics['recipe']} recipe, stopped: {metrics['stop_reason']}" if "stop_reason" in metrics else None,
              "did not learn" if metrics.get("did_not_learn") else None]
     extra = [e for e in extra if e]
-    return (f"{path}: accuracy {pct('accuracy')}  hit@5 {pct('hit@5')}  mAP {pct('map')}"
+    first = "hit@1" if metrics.get("multi_label") else "accuracy"
+    return (f"{path}: {first} {pct('accuracy')}  hit@5 {pct('hit@5')}  mAP {pct('map')}  GAP@20 {pct('gap@20')}"
             + (f"  ({', '.join(extra)})" if extra else ""))
+
+
+def labels_of(items, manifest) -> np.ndarray:
+    """Training targets: class indices [N], or for a multi-label dataset an indicator matrix [N, C] (every class a
+    video carries; trained with a sigmoid per class, ``pipeline.training.batch_loss``)."""
+    if not manifest.multi_label:
+        return np.asarray([it.label for it in items], dtype=np.int64)
+    y = np.zeros((len(items), len(manifest.classes)), dtype=np.float32)
+    for i, it in enumerate(items):
+        y[i, list(it.labels or (it.label,))] = 1.0
+    return y
 
 
 def _check_finite(scores: np.ndarray, what: str, cfg) -> None:
@@ -468,6 +484,6 @@ def train_splits(job: TrainJob, splits: list[int], progress: bool = True, echo: 
     name = f"{job.head}-late-fusion" if late_fusion else job.head
     path, summary = write_summary(job.out, name, {s: (r.path.name, r.metrics) for s, r in zip(splits, results)})
     a = summary["accuracy"]
-    echo(f"{name} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f} +- {100 * a['std']:.2f}"
-         f"  ({path})")
+    spread = "" if a["std"] is None else f" +- {100 * a['std']:.2f} (sample std)"
+    echo(f"{name} over splits {','.join(map(str, splits))}: accuracy {100 * a['mean']:.2f}{spread}  ({path})")
     return results, path, summary

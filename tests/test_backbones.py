@@ -355,3 +355,23 @@ def test_store_config_says_how_test_time_views_are_combined():
         "rgb": "features averaged over 10 views (10crop)",
         "rgb_views": "10 views (10crop), one feature each: average scores over them with views=10"}
     assert config(tta="flip")["view_aggregation"] == {"rgb": "features averaged over 2 views (flip)"}
+
+
+def test_onnx_runtime_engine_matches_torch_features(lite0):
+    """ONNX Runtime runs the exported backbone to the same features (cosine >= 0.999) on real-looking frames."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from pipeline.backbones import OnnxRuntimeBackbone
+    from pipeline.demo_data import render_video
+
+    frames = render_video("BeachThenForest", seed=0, group=1, clip=1, frames=4)  # [T,H,W,3] uint8
+    x = preprocess(frames, lite0.spec, tta="flip")  # [4,2,3,224,224]
+    ref, _ = lite0.extract(x, batch_size=3)
+    ort_bb = OnnxRuntimeBackbone(lite0, threads=1)
+    got, _ = ort_bb.extract(x, batch_size=3)
+    assert got.shape == ref.shape == (4, 1280)
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+    assert cos.min() >= 0.999, cos
+    assert ort_bb.spec["runtime"] == "onnxruntime" and ort_bb.feature_dim == lite0.feature_dim
+    with pytest.raises(UserError):
+        ort_bb.extract(x, grid=2)

@@ -310,3 +310,55 @@ def test_brox_survives_a_brightness_change_that_breaks_brightness_constancy(fram
     assert robust(brox_clean, brox_bright) and brox_bright < 0.25 * tvl1_bright
     assert hs_clean < 0.2  # a working flow method on the unchanged pair (~4 px of motion)...
     assert not robust(hs_clean, hs_bright)  # ...that the brightness change breaks
+
+
+def test_fused_cpu_iteration_matches_torch_iteration():
+    """The C inner loop (tvl1_cpu.py) does the arithmetic of the torch iteration: one step on a random state."""
+    from pipeline.flow.tvl1 import _refresh_border, _tvl1_iteration
+    from pipeline.flow.tvl1_cpu import inner_loop, load
+
+    fn = load()
+    if fn is None:
+        pytest.skip("no C compiler: TV-L1 runs its torch iteration")
+    g = torch.Generator().manual_seed(0)
+    h, w = 23, 31
+    U = torch.randn(1, 2, h + 1, w + 1, generator=g)
+    _refresh_border(U)
+    PX, PY = torch.zeros(1, 2, h, w + 1), torch.zeros(1, 2, h + 1, w)
+    PX[..., 1:], PY[..., 1:, :] = 0.1 * torch.randn(1, 2, h, w, generator=g), 0.1 * torch.randn(1, 2, h, w, generator=g)
+    a, b, gr = torch.randn(1, h, w, generator=g), torch.randn(1, 2, h, w, generator=g), torch.randn(1, 2, h, w, generator=g)
+    ref = [t.clone() for t in (U, PX, PY)]
+    for _ in range(3):
+        _tvl1_iteration(*ref, a, b, gr, 0.045, 0.25, 0.25 / 0.3)
+    assert not inner_loop(fn, U[0], PX[0], PY[0], a[0], b[0], gr[0], 0.045, 0.25, 0.25 / 0.3, 3, 0.0)
+    for mine, theirs in zip((U, PX, PY), ref):
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5)
+    # the stopping test: a change below eps^2 reports convergence
+    assert inner_loop(fn, U[0], PX[0], PY[0], a[0], b[0], gr[0], 0.045, 0.25, 0.25 / 0.3, 30, 1e9)
+
+
+@pytest.mark.parametrize("h, w", [(20, 7), (21, 8), (17, 33), (96, 128)])
+def test_fused_cpu_median_is_the_torch_median_bit_for_bit(h, w):
+    from pipeline.flow.tvl1 import _median_
+    from pipeline.flow.tvl1_cpu import load, median_
+
+    fn = load()
+    if fn is None:
+        pytest.skip("no C compiler: TV-L1 runs its torch median")
+    U = torch.randn(2, h + 1, w + 1, generator=torch.Generator().manual_seed(h * w))
+    ref = U.clone()[None]
+    _median_(ref)
+    median_(fn, U)
+    assert torch.equal(U, ref[0])  # and the torch median is OpenCV's medianBlur (test_median5_is_exact)
+
+
+def test_tvl1_fused_kernel_and_worker_threads_keep_the_flow(known_pairs, tvl1_known):
+    """Fused C loop vs torch ops: the same flow up to float rounding; worker threads change nothing."""
+    p, n, gt = known_pairs
+    ref = torch.cat([tvl1(torch.from_numpy(p[k:k + 1]).float()[:, None], torch.from_numpy(n[k:k + 1]).float()[:, None],
+                          kernel="torch") for k in range(len(p))]).numpy()
+    assert abs(epe(tvl1_known, gt) - epe(ref, gt)) < 0.01
+    assert epe(tvl1_known, ref) < 0.02
+    two = compute_flow(p, n, "tvl1", threads=2)
+    assert np.array_equal(two, compute_flow(p, n, "tvl1", threads=1))
+    assert torch.get_num_threads() == 1  # the caller's thread count is restored

@@ -37,8 +37,12 @@ STORE_SETTINGS = {**{h: ("frames=25",) for h in NG}, **{h: ("any_rate=true",) fo
 STORE_SETTINGS["conv-pool"] += ("grid=1",)
 # Heads whose score depends on frame order (Ma et al. 3.2-3.3, Ng et al. 3.2, Wu et al. 3.2) and order-blind poolings
 # (Ng et al. 3.1 Late Pooling, Karpathy's Single-Frame, Ma et al.'s temporal max pooling over one segment).
-ORDER_HEADS = ["lstm", "ts-lstm", "deep-lstm", "stream-lstm", "temporal-vgg", "temporal-inception", "temporal-pool"]
-BLIND = [("late-pool", ()), ("single-frame", ()), ("temporal-pool", ("segments=1", "pool=max"))]
+# Beyond the papers: attention pooling and the Transformer read positions by default, so they must see order;
+# NetVLAD and attention without positions sum over frames, so they are expected not to.
+ORDER_HEADS = ["lstm", "ts-lstm", "deep-lstm", "stream-lstm", "temporal-vgg", "temporal-inception", "temporal-pool",
+               "attention-pool", "transformer"]
+BLIND = [("late-pool", ()), ("single-frame", ()), ("temporal-pool", ("segments=1", "pool=max")), ("netvlad", ()),
+         ("attention-pool", ("positions=none",))]
 # CI trains these (minutes on 2 CPU cores); `make test-demo` (marker `demo`) trains every head, which takes hours
 # on such a machine (Ng et al.'s 4096-wide FC stacks run the full step budget) and minutes on a GPU.
 CI_HEADS = {"ts-lstm", "temporal-pool", "temporal-inception", "single-frame"}

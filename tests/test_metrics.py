@@ -76,7 +76,8 @@ def test_multilabel_hit_at_k_counts_any_true_label():
 
 
 def test_mean_std_and_report():
-    assert M.mean_std([0.9, 0.8, 0.7]) == pytest.approx((0.8, np.std([0.9, 0.8, 0.7])))
+    assert M.mean_std([0.9, 0.8, 0.7]) == pytest.approx((0.8, np.std([0.9, 0.8, 0.7], ddof=1)))
+    assert M.mean_std([0.5])[0] == 0.5 and np.isnan(M.mean_std([0.5])[1])  # one run: no spread
     scores = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5]])
     y = np.array([0, 2, 2])
     r = M.classification_report(scores, y, ["a", "b", "c"])

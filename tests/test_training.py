@@ -301,7 +301,8 @@ def test_stage_writes_complete_run_and_rerun_does_no_work(dataset, tmp_path, mon
     again = st.train(job, progress=False, echo=messages.append)
     assert again.cached and again.path == res.path and again.metrics == m
     assert messages == [f"cached: {res.path}: accuracy {100 * m['accuracy']:.2f}  hit@5 {100 * m['hit@5']:.2f}  "
-                        f"mAP {100 * m['map']:.2f}  ({m['n_test']} test videos, best epoch {m['best_epoch']}, "
+                        f"mAP {100 * m['map']:.2f}  GAP@20 {100 * m['gap@20']:.2f}  ({m['n_test']} test videos, "
+                        f"best epoch {m['best_epoch']}, "
                         f"{m['recipe']} recipe, stopped: {m['stop_reason']}"
                         + (", did not learn" if m["did_not_learn"] else "") + ")"]
     assert (res.path / "metrics.json").stat().st_mtime_ns == mtime

@@ -5,7 +5,7 @@
 ``calc(prev, nxt)``. Methods:
 
 * ``tvl1``: batched PyTorch TV-L1 (tvl1.py; Zach et al. 2007 / Sanchez et al. IPOL 2013, OpenCV's defaults),
-  CPU or CUDA.
+  CPU or CUDA; on the CPU its inner loop and median run as fused C (tvl1_cpu.py).
 * ``brox``: batched PyTorch Brox et al. 2004 (brox.py; dense_flow's defaults), CPU or CUDA.
 * ``tvl1-opencv``, ``dis``, ``farneback``: OpenCV on the CPU (opencv_flow.py).
 
@@ -13,6 +13,8 @@
 The flow math is pure tensor/array code: no file or video I/O here (images.py and stacks.py likewise).
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,18 +44,49 @@ def default_params(method: str) -> dict:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Pairs per call: 1 on CPU (batches of 8 / 32 leave the cache and wait for their slowest pair: 1.35x / 1.32x
-    OpenCV's rate against 1.68x for single pairs at 340x256 in bench/flow.py), 128 on a GPU to fill the device."""
+    """Pairs per call: 1 on CPU (pairs run one after the other in the fused loop anyway, and a batch's pyramid and
+    warps leave the cache: batch 8 ran at 8.4x OpenCV's rate against 9.0x for single pairs at 340x256 in
+    bench/flow.py), 128 on a GPU to fill the device."""
     return 1 if device.type == "cpu" else 128
 
 
+def _one_thread_each(fn, chunks, threads: int) -> None:
+    """Run ``fn(chunk)`` for every chunk on ``threads`` worker threads, each doing its tensor ops on one thread.
+
+    Why not torch's intra-op threads: TV-L1 is thousands of small element-wise ops per pair, each ending in an
+    OpenMP barrier; when the cores are shared, a thread that lost its core stalls its partner at every barrier (and
+    the partner spins), so two intra-op threads ran at 0.16x OpenCV's rate under load. Pairs on separate threads
+    never wait for each other: each op runs on its caller's thread with the GIL released.
+    """
+    chunks = list(chunks)
+    threads = max(1, min(threads, len(chunks)))
+    before = torch.get_num_threads()
+    try:
+        if threads == 1:
+            torch.set_num_threads(1)
+            for c in chunks:
+                fn(c)
+            return
+
+        def work(c):
+            torch.set_num_threads(1)  # this thread's OpenMP team size (per thread)
+            fn(c)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, chunks))
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_flow(prev, nxt, method: str = "tvl1", device=None, batch_size: int | None = None,
-                 compile: bool = False, **params):
+                 compile: bool = False, threads: int | None = None, **params):
     """Flow from ``prev`` to ``nxt``: uint8 ``[N,H,W]`` x2 (numpy or torch) -> float32 ``[N,2,H,W]`` (x, y; px).
 
     Returns the input's type (numpy in, numpy out; torch in, a CPU torch tensor out). ``device`` picks where the
     torch methods run (default: the input tensor's device, else CPU); ``batch_size`` how many pairs go in one call
     (default :func:`default_batch_size`); ``compile`` runs TV-L1's iteration through ``torch.compile``.
+    ``threads`` (CPU, torch methods): the batches are spread over this many worker threads of one intra-op
+    thread each (default ``torch.get_num_threads()``, the process's thread budget; see :func:`_one_thread_each`).
     ``params`` override :func:`default_params`.
     """
     if method not in FLOW_METHODS:
@@ -74,8 +107,16 @@ def compute_flow(prev, nxt, method: str = "tvl1", device=None, batch_size: int |
     bs = batch_size or default_batch_size(dev)
     extra = {"compile": compile} if method == "tvl1" else {}
     out = torch.empty((a.shape[0], 2, *a.shape[1:]), dtype=torch.float32)
-    for s in range(0, a.shape[0], bs):
+
+    def run(s: int) -> None:
         p = a[s:s + bs].to(dev, torch.float32)[:, None]  # [b,1,H,W], intensities 0..255
         q = b[s:s + bs].to(dev, torch.float32)[:, None]
         out[s:s + bs] = fn(p, q, **extra, **params).cpu()
+
+    starts = range(0, a.shape[0], bs)
+    if dev.type == "cpu":
+        _one_thread_each(run, starts, threads or torch.get_num_threads())
+    else:
+        for s in starts:
+            run(s)
     return out.numpy() if as_numpy else out

@@ -17,7 +17,9 @@ IPOL 2013 (Algorithm 1 and 2), in the variant OpenCV's ``DualTVL1OpticalFlow`` i
 
 Batching: ``N`` pairs run in lock step, but every pair keeps its own stopping state. A converged pair is frozen
 (its updates are masked out) until the next warp, exactly as it would stop when run alone, so a pair's result
-does not depend on its batch mates. All code is device agnostic (CPU and CUDA run the same ops).
+does not depend on its batch mates. All code is device agnostic (CPU and CUDA run the same ops); on the CPU the
+inner loop and the median run as fused C where a C compiler is found (tvl1_cpu.py: the same arithmetic, the median
+bit for bit), pair after pair.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .tvl1_cpu import inner_loop
+from .tvl1_cpu import load as load_fused
+from .tvl1_cpu import median_ as median_fused
 
 __all__ = ["TVL1Config", "median5", "tvl1"]
 
@@ -150,18 +156,22 @@ def median5(x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     h, w = shape[-2:]
     xp = F.pad(x.reshape(-1, 1, h, w), (2, 2, 2, 2), mode="replicate")[:, 0]  # [M,H+4,W+4]
-    col = _run(_SORT5, [xp[:, k:k + h] for k in range(5)])  # column (x) sorted, 5 x [M,H,W+4]
+    # Even and odd columns de-interleaved once into contiguous buffers: every comparator below then reads memory
+    # with unit stride (a min/max over stride-2 views ran 5x slower per element).
+    xe, xo = xp[..., 0::2].contiguous(), xp[..., 1::2].contiguous()  # columns 2j and 2j+1
+    ev = _run(_SORT5, [xe[:, k:k + h] for k in range(5)])  # even columns sorted, 5 x [M,H,ceil((W+4)/2)]
+    od = _run(_SORT5, [xo[:, k:k + h] for k in range(5)])
     kq = w // 2 + 1  # quads start at even columns 0, 2, .., 2 (kq - 1)
-    ev, od = [c[..., 0::2] for c in col], [c[..., 1::2] for c in col]  # columns 2j and 2j+1
     pair = _run(_PAIR, [c[..., :kq + 1] for c in ev] + [c[..., :kq + 1] for c in od])  # 10 x [M,H,kq+1]
     pair = [pair[i] for i in _PAIR_ORDER]  # sorted columns 2j..2j+1
     quad = _run(_QUAD, [p[..., :kq] for p in pair] + [p[..., 1:] for p in pair])  # columns 2k..2k+3
     quad = [quad[i] for i in _QUAD_OUT]  # ranks 7..12, 6 x [M,H,kq]
     ne, no = (w + 1) // 2, w // 2
-    out = x.new_empty(xp.shape[0], h, w)
     # window 2k: quad k + column 2k+4; window 2k+1: column 2k+1 + quad k+1
-    out[..., 0::2] = _median_of_quad_and_column([q[..., :ne] for q in quad], [c[..., 2:2 + ne] for c in ev])
-    out[..., 1::2] = _median_of_quad_and_column([q[..., 1:1 + no] for q in quad], [c[..., :no] for c in od])
+    even = _median_of_quad_and_column([q[..., :ne] for q in quad], [c[..., 2:2 + ne] for c in ev])
+    odd = _median_of_quad_and_column([q[..., 1:1 + no] for q in quad], [c[..., :no] for c in od])
+    out = x.new_empty(xp.shape[0], h, w)
+    out[..., 0::2], out[..., 1::2] = even, odd  # (3x faster than torch.stack((even, odd), -1) here)
     return out.reshape(shape)
 
 
@@ -201,7 +211,9 @@ def _tvl1_iteration(U, PX, PY, a, b, g, lt: float, tau: float, taut: float):
     _refresh_border(U)
     ux = U[..., :h, 1:] - u  # forward differences (Eq. 18)
     uy = U[..., 1:, :w] - u
-    ng = torch.hypot(ux, uy).mul_(taut).add_(1.0)
+    # 1 + tau/theta |grad u|; sqrt of the sum of squares, not torch.hypot (6x slower per element on CPU, and
+    # |grad u| is far from overflow)
+    ng = torch.mul(ux, ux).addcmul_(uy, uy).sqrt_().mul_(taut).add_(1.0)
     PX[..., 1:].add_(ux, alpha=tau).div_(ng)
     PY[..., 1:, :].add_(uy, alpha=tau).div_(ng)
     return err / (h * w)
@@ -258,11 +270,12 @@ def _warp(img: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor
     return F.grid_sample(padded, grid, mode="bicubic", padding_mode="zeros", align_corners=True)
 
 
-def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median):
+def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median, fused=None):
     """Warps x (outer x inner) iterations at one pyramid level; returns the refined (u1, u2).
 
     Per-pair stopping: only the pairs still running (``idx``) are iterated. When a pair converges its state is
     written back and it leaves the working set until the next warp, so it stops exactly where it would alone.
+    With ``fused`` (the C inner loop of tvl1_cpu.py) the pairs run one after the other, each inner loop one call.
     """
     n, h, w = i0.shape
     ix, iy = _centered_gradient(i1)
@@ -280,6 +293,15 @@ def _one_scale(i0, i1, u1, u2, cfg: TVL1Config, step, median):
         rho_c = i1w - i1wx * u1 - i1wy * u2 - i0  # rho(u) = rho_c + grad I1w . u  (IPOL Eq. 12)
         g = torch.stack((i1wx, i1wy), 1)  # [N,2,H,W]
         const = [-rho_c * inv, g * -inv[:, None], g]  # a, b, grad I1w
+        if fused is not None:
+            for k in range(n):
+                sk, ck = [t[k] for t in state], [t[k] for t in const]
+                for _ in range(cfg.outer_iterations):
+                    if cfg.median_filtering > 1:
+                        median_fused(fused, sk[0])
+                    if inner_loop(fused, *sk, *ck, lt, cfg.tau, taut, cfg.inner_iterations, eps2):
+                        break
+            continue
         idx = torch.arange(n, device=i0.device)  # pairs still iterating in this warp
         sub, csub = state, const  # the working set: all pairs, then fewer (copies) as pairs converge
         for _ in range(cfg.outer_iterations):
@@ -334,18 +356,24 @@ def _downscale(img: torch.Tensor, size: tuple[int, int], scale: float) -> torch.
 
 
 @torch.no_grad()
-def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, **params) -> torch.Tensor:
+def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, kernel: str = "auto",
+         **params) -> torch.Tensor:
     """TV-L1 flow from ``prev`` to ``nxt``: float [N,1,H,W] (intensities 0..255) x2 -> [N,2,H,W] (x, y; pixels).
 
     ``nxt(p + flow(p)) ~ prev(p)``, OpenCV's ``calc(prev, nxt)`` convention. ``params`` are :class:`TVL1Config`
     fields. ``compile=True`` runs the primal-dual iteration through ``torch.compile`` (first call compiles).
+    ``kernel``: ``auto`` runs the inner loop as fused C on CPU tensors where it can be built (tvl1_cpu.py; the
+    same arithmetic) and torch ops elsewhere; ``torch`` always runs torch ops.
     """
     cfg = TVL1Config(**params)
     if prev.shape != nxt.shape or prev.dim() != 4 or prev.shape[1] != 1:
         raise ValueError(f"expected two [N,1,H,W] tensors, got {tuple(prev.shape)} and {tuple(nxt.shape)}")
     if cfg.median_filtering not in (0, 1, 5):
         raise ValueError(f"median_filtering must be 0, 1 (off) or 5, got {cfg.median_filtering}")
+    if kernel not in ("auto", "torch"):
+        raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
     step, median = _kernels(compile)
+    fused = load_fused() if kernel == "auto" and not compile and prev.device.type == "cpu" else None
     i0s, i1s = [prev[:, 0].float()], [nxt[:, 0].float()]  # [N,H,W]
     for _ in range(1, cfg.nscales):
         size = _pyramid_size(*i0s[-1].shape[-2:], cfg.scale_step)
@@ -356,7 +384,7 @@ def tvl1(prev: torch.Tensor, nxt: torch.Tensor, *, compile: bool = False, **para
     u1 = torch.zeros_like(i0s[-1])
     u2 = torch.zeros_like(i0s[-1])
     for s in range(len(i0s) - 1, -1, -1):
-        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, cfg, step, median)
+        u1, u2 = _one_scale(i0s[s], i1s[s], u1, u2, cfg, step, median, fused)
         if s:
             up = F.interpolate(torch.stack((u1, u2), 1), size=i0s[s - 1].shape[-2:], mode="bilinear",
                                align_corners=False) / cfg.scale_step  # [N,2,h,w]

@@ -3,6 +3,7 @@
 
 from pipeline import baselines  # noqa: F401  (kernel baselines: svm, svm-ef, svm-lf, svm-mkl)
 from pipeline.heads import (  # noqa: F401  (imported for registration)
+    attention_pool,
     deep_lstm,
     fusion_net,
     karpathy_fusion,
@@ -11,7 +12,9 @@ from pipeline.heads import (  # noqa: F401  (imported for registration)
     stream_lstm,
     temporal_conv,
     temporal_pool,
+    transformer,
     two_stream,
+    vlad,
 )
 from pipeline.heads.base import Head  # noqa: F401
 from pipeline.registry import HEADS  # noqa: F401

@@ -31,7 +31,9 @@ class Head(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not score time steps")
 
     def loss(self, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        """Training loss for a batch; cross-entropy on video scores unless the paper says otherwise."""
+        """Training loss for a batch of class indices ``y`` [B]; cross-entropy on video scores unless the paper says
+        otherwise. Multi-label targets [B, C] do not come here: the trainer (``pipeline.training.batch_loss``) takes
+        binary cross-entropy of a sigmoid per class on ``forward``'s scores for every head."""
         return F.cross_entropy(self(x, mask), y)
 
     def after_step(self, lr: float) -> None:

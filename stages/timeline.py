@@ -125,7 +125,7 @@ def timeline(pred, video: str | Path, window: float | None = None, stride: float
     assert spans is not None
     videos = [{key: per_key[key][j] for key in per_key} for j in range(len(spans))]
     scores = pred.scores(videos)
-    probs = probabilities(scores)
+    probs = probabilities(scores, pred.multi_label)
     classes = pred.classes
     centres = np.array([(a + b) / 2 / fps for a, b in spans])
     top = [classes[i] for i in probs.argmax(1)]

@@ -24,6 +24,8 @@ def test_top_k_is_the_softmax_ranking():
     assert np.isclose(p.sum(), 1) and np.isclose(p[1] / p[2], np.e)
     top = top_k(scores, ["a", "b", "c", "d"], 2)
     assert [c for c, _ in top] == ["b", "c"] and np.isclose(top[0][1], p[1])
+    multi = top_k(np.array([2.0, -2.0, 0.0]), ["a", "b", "c"], 2, multi_label=True)  # per-class sigmoids
+    assert [c for c, _ in multi] == ["a", "c"] and np.isclose(multi[0][1], 1 / (1 + np.exp(-2))) and multi[1][1] == 0.5
 
 
 def test_windows_cover_the_video_and_segments_split_halfway():

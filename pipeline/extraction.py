@@ -135,7 +135,8 @@ def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarr
     need = np.unique(np.concatenate([a, a + 1]))  # grey only the frames some pair uses (a long video holds many more)
     gray = (frames[need].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
     first, second = np.searchsorted(need, a), np.searchsorted(need, a + 1)
-    fields = compute_flow(gray[first], gray[second], method=flow["method"], device=flow["device"], **flow["params"])
+    fields = compute_flow(gray[first], gray[second], method=flow["method"], device=flow["device"],
+                          kernel=flow.get("kernel", "auto"), **flow["params"])
     images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
     return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
 
@@ -164,8 +165,9 @@ def build_streams(cfg: ExtractConfig, device: str) -> list[Stream]:
     return streams
 
 
-def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str) -> dict:
-    """The config recorded in the store: every input that changes the features, resolved."""
+def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str, device: str = "cpu") -> dict:
+    """The config recorded in the store: every input that changes the features, resolved (``device``: where flow
+    runs, which decides its kernel)."""
     out: dict[str, Any] = {
         "streams": list(cfg.streams),
         "sampling": asdict(cfg.sampling),
@@ -185,6 +187,9 @@ def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str) -> dic
         out["flow"] = {"method": cfg.flow_method,
                        "params": {**flowlib.default_params(cfg.flow_method), **dict(cfg.flow_params)},
                        "bound": cfg.flow_bound, "stack": cfg.flow_stack, "encoding": "uint8, 128 = zero motion"}
+        kernel = flowlib.flow_kernel(cfg.flow_method, device)
+        if kernel:  # absent for the torch / OpenCV code: stores made before the C loop keep their hash
+            out["flow"]["kernel"] = kernel
     return out
 
 
@@ -226,9 +231,15 @@ def flow_task(config: dict, device: str) -> dict | None:
     """The flow settings a worker needs, from a store's ``config`` (None when the store has no flow stream)."""
     if "flow" not in config.get("streams", []):
         return None
+    from pipeline.flow import flow_kernel
+
     f = config["flow"]
+    where = device if device.startswith("cuda") else "cpu"
+    if f.get("kernel") and f["kernel"] != flow_kernel(f["method"], where):
+        raise UserError(f"the store's {f['method']} flow ran the fused C loop, which cannot be built here (no C "
+                        "compiler, or TWOSTREAM_FLOW_KERNEL=torch); its flow would differ in rounding")
     return {"method": f["method"], "params": dict(f["params"]), "bound": f["bound"], "stack": int(f["stack"]),
-            "device": device if device.startswith("cuda") else "cpu"}
+            "device": where, "kernel": "auto" if f.get("kernel") else "torch"}
 
 
 def video_task(path: str, config: dict, device: str, streams: tuple[str, ...] | None = None) -> dict:

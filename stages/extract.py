@@ -222,7 +222,7 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
     finetuned, seen_lists = provenance
     torch.manual_seed(0)
     streams = build_streams(cfg, device)
-    config = store_config(cfg, streams, decoder)
+    config = store_config(cfg, streams, decoder, device)
     if finetuned:  # which videos the CNNs were trained on; absent for ImageNet weights (older stores keep their hash)
         config["finetuned"] = finetuned
     summary = Summary(store=str(out))

@@ -362,3 +362,22 @@ def test_tvl1_fused_kernel_and_worker_threads_keep_the_flow(known_pairs, tvl1_kn
     two = compute_flow(p, n, "tvl1", threads=2)
     assert np.array_equal(two, compute_flow(p, n, "tvl1", threads=1))
     assert torch.get_num_threads() == 1  # the caller's thread count is restored
+
+
+def test_a_store_records_the_tvl1_kernel_and_refuses_to_continue_without_it(monkeypatch):
+    """The fused C loop and the torch ops agree up to rounding only: a store says which made its flow, and a machine
+    that cannot build the C loop refuses to add to (or predict from) a store that used it."""
+    import pipeline.flow as flowlib
+    from pipeline.errors import UserError
+    from pipeline.extraction import flow_task
+
+    assert flowlib.flow_kernel("dis") is None and flowlib.flow_kernel("tvl1", "cuda:0") is None
+    config = {"streams": ["rgb", "flow"],
+              "flow": {"method": "tvl1", "params": flowlib.default_params("tvl1"), "bound": 20.0, "stack": 10}}
+    assert flow_task(config, "cpu")["kernel"] == "torch"  # a store without the record: the torch ops, as it was made
+    config["flow"]["kernel"] = "c"
+    monkeypatch.setattr(flowlib, "flow_kernel", lambda method, device="cpu": None)  # as without a C compiler
+    with pytest.raises(UserError, match="fused C loop, which cannot be built here"):
+        flow_task(config, "cpu")
+    monkeypatch.setattr(flowlib, "flow_kernel", lambda method, device="cpu": "c")
+    assert flow_task(config, "cpu")["kernel"] == "auto"

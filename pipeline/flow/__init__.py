@@ -26,12 +26,23 @@ from .stacks import assemble_stacks, pairs_for_stacks, stack_pair_indices
 from .tvl1 import TVL1Config, tvl1
 
 __all__ = [
-    "FLOW_METHODS", "assemble_stacks", "brox", "compute_flow", "default_batch_size", "default_params",
+    "FLOW_METHODS", "assemble_stacks", "brox", "compute_flow", "default_batch_size", "default_params", "flow_kernel",
     "flow_to_images", "images_to_flow", "opencv_flow", "pairs_for_stacks", "stack_pair_indices", "tvl1",
 ]
 
 FLOW_METHODS = ("tvl1", "brox", "tvl1-opencv", "dis", "farneback")
 _TORCH_METHODS = {"tvl1": (tvl1, TVL1Config), "brox": (brox, BroxConfig)}
+
+
+def flow_kernel(method: str, device: str = "cpu") -> str | None:
+    """``"c"`` when ``method`` runs the fused C loop on ``device`` (TV-L1 on the CPU where a compiler built it), else
+    None (the torch or OpenCV code). A feature store records it: the two agree only up to float rounding, so a store
+    is never continued with the other."""
+    if method != "tvl1" or str(device).startswith("cuda"):
+        return None
+    from .tvl1_cpu import load
+
+    return "c" if load() is not None else None
 
 
 def default_params(method: str) -> dict:
@@ -79,7 +90,7 @@ def _one_thread_each(fn, chunks, threads: int) -> None:
 
 
 def compute_flow(prev, nxt, method: str = "tvl1", device=None, batch_size: int | None = None,
-                 compile: bool = False, threads: int | None = None, **params):
+                 compile: bool = False, threads: int | None = None, kernel: str = "auto", **params):
     """Flow from ``prev`` to ``nxt``: uint8 ``[N,H,W]`` x2 (numpy or torch) -> float32 ``[N,2,H,W]`` (x, y; px).
 
     Returns the input's type (numpy in, numpy out; torch in, a CPU torch tensor out). ``device`` picks where the
@@ -87,7 +98,8 @@ def compute_flow(prev, nxt, method: str = "tvl1", device=None, batch_size: int |
     (default :func:`default_batch_size`); ``compile`` runs TV-L1's iteration through ``torch.compile``.
     ``threads`` (CPU, torch methods): the batches are spread over this many worker threads of one intra-op
     thread each (default ``torch.get_num_threads()``, the process's thread budget; see :func:`_one_thread_each`).
-    ``params`` override :func:`default_params`.
+    ``kernel`` (TV-L1): ``auto`` runs the fused C loop on the CPU where it can be built, ``torch`` the torch ops
+    (what a store recorded: :func:`flow_kernel`). ``params`` override :func:`default_params`.
     """
     if method not in FLOW_METHODS:
         raise ValueError(f"unknown flow method {method!r}; choose from {', '.join(FLOW_METHODS)}")
@@ -105,7 +117,7 @@ def compute_flow(prev, nxt, method: str = "tvl1", device=None, batch_size: int |
     b = torch.as_tensor(nxt)
     dev = torch.device(device) if device is not None else a.device
     bs = batch_size or default_batch_size(dev)
-    extra = {"compile": compile} if method == "tvl1" else {}
+    extra = {"compile": compile, "kernel": kernel} if method == "tvl1" else {}
     out = torch.empty((a.shape[0], 2, *a.shape[1:]), dtype=torch.float32)
 
     def run(s: int) -> None:

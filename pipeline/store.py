@@ -368,14 +368,21 @@ class StoreIndex:
     source: np.ndarray | None            # [R] bytes: source file sha256 ("" when not recorded); None: not read yet
     digest: np.ndarray | None            # [R] bytes: feature digest ("" for parts written before digests)
     fingerprint: str | None = None
-    saved_at: Path | None = None         # the index.npz that source / digest are read from when first needed
+    saved: Any = None                    # the open index.npz that source / digest are read from when first needed
 
     def provenance(self) -> tuple[np.ndarray, np.ndarray]:
-        """(source, digest) columns, read on first use: only the fingerprint needs them, and it is saved."""
+        """(source, digest) columns, read on first use: only the fingerprint needs them, and it is saved. They come
+        from the file this index was loaded from, still open: another reader replacing index.npz meanwhile
+        replaces the name, not the file these rows were read from."""
         if self.source is None or self.digest is None:
-            with np.load(self.saved_at, allow_pickle=False) as z:
-                self.source, self.digest = z["source"], z["digest"]
+            self.source, self.digest = self.saved["source"], self.saved["digest"]
+            self.close()
         return self.source, self.digest
+
+    def close(self) -> None:
+        if self.saved is not None:
+            self.saved.close()
+            self.saved = None
 
     @classmethod
     def build(cls, indexes: list[PartIndex]) -> StoreIndex:
@@ -441,19 +448,23 @@ class StoreIndex:
     def load(cls, path: Path) -> StoreIndex | None:
         """The saved index, or None when there is none or it cannot be read (it is then rebuilt from the parts)."""
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("version") != INDEX_VERSION:
-                    return None
-                arrays = {k: z[k] for k in ("ids", "part", "start", "stop")}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError):
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
             return None
-        n = len(arrays["ids"])
-        if any(len(a) != n for a in arrays.values()) or len(meta["parts"]) != len(meta["stamps"]):
+        try:
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in ("ids", "part", "start", "stop")}
+            ok = (meta.get("version") == INDEX_VERSION and len(meta["parts"]) == len(meta["stamps"])
+                  and all(len(a) == len(arrays["ids"]) for a in arrays.values())
+                  and all(k in z.files for k in ("source", "digest")))
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, EOFError):
+            ok = False
+        if not ok:
+            z.close()
             return None
         return cls(meta["parts"], [tuple(s) for s in meta["stamps"]],
                    {k: tuple(v) for k, v in meta["streams"].items()}, source=None, digest=None,
-                   fingerprint=meta.get("fingerprint"), saved_at=path, **arrays)
+                   fingerprint=meta.get("fingerprint"), saved=z, **arrays)
 
 
 def _scan_parts(path: Path) -> dict[str, tuple[int, int]]:
@@ -476,6 +487,7 @@ def load_store_index(path: Path, log=None) -> tuple[StoreIndex, bool]:
     if saved is not None:
         changed = [n for n, st in zip(saved.parts, saved.stamps) if on_disk.get(n) != st]
         if changed:
+            saved.close()
             index = StoreIndex.build([read_part_index(p) for p in every])  # a damaged part raises, naming it
             if log:
                 log(f"{path}: {len(changed)} part(s) changed or removed since the index was written "
@@ -738,6 +750,7 @@ class FeatureStore:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._idx.close()
 
     def __enter__(self):
         return self

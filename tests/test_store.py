@@ -184,3 +184,15 @@ def test_random_access_keeps_a_bounded_number_of_parts_open(tmp_path):
         np.testing.assert_array_equal(fs.get(v), feats[v]["rgb"])
         assert len(fs._files) <= 4
     assert [len(a) for a in fs.load("rgb")] == [4] * 24
+
+
+def test_provenance_comes_from_the_index_file_that_was_opened(tmp_path):
+    """Another reader replacing index.npz between this reader's open and its fingerprint does not misalign rows."""
+    _write(tmp_path / "s", [f"v{i}" for i in range(6)], "w1")
+    expected = FeatureStore.open(tmp_path / "s").fingerprint
+    reader = FeatureStore.open(tmp_path / "s")  # index loaded, provenance columns not read yet
+    reader._fingerprint = None  # as for an index saved without its fingerprint: computed from the columns
+    _write(tmp_path / "s", ["a0", "a1", "a2"], "w0")  # sorts first: every row moves in the new index
+    FeatureStore.open(tmp_path / "s")  # a second reader saves the extended index under the same name
+    assert reader.fingerprint == expected and reader.ids() == [f"v{i}" for i in range(6)]
+    reader.close()

@@ -3,6 +3,8 @@ tests re-encode in other codecs and containers (VP9/webm, HEVC/mkv, MPEG-4 part 
 same frames, and ``predict`` computes exactly the features ``extract`` stored (one extraction core)."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +24,33 @@ REENCODED = {"vp9.webm": "libvpx-vp9", "hevc.mkv": "libx265", "mpeg4.avi": "mpeg
 N_REENCODED = 30
 
 
-def _reencode(src: Path, dest: Path, codec: str, n: int = N_REENCODED) -> None:
-    """The first ``n`` frames of ``src`` written with ``codec`` into ``dest``'s container (PyAV / FFmpeg)."""
-    frames = decode(src, "pyav").frames[:n]
-    with av.open(str(dest), "w") as out:
-        stream = out.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if codec == "libx265":
-            stream.options = {"x265-params": "log-level=error"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
+_REENCODE = r"""
+import sys
+import av
+src, dest, codec, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with av.open(src) as inp:
+    frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(n), inp.decode(video=0))]
+with av.open(dest, "w") as out:
+    stream = out.add_stream(codec, rate=25)
+    stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+    if codec == "libx265":
+        stream.options = {"x265-params": "log-level=error"}
+    for f in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
             out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+"""
+
+
+def _reencode(src: Path, dest: Path, codec: str, n: int = N_REENCODED) -> None:
+    """The first ``n`` frames of ``src`` written with ``codec`` into ``dest``'s container (PyAV / FFmpeg).
+
+    In a process of its own: once decord (which bundles its own FFmpeg) is loaded into a process, PyAV's encoders
+    there can fail to open (libvpx-vp9: EINVAL), as seen when earlier tests of the session had decoded with decord.
+    """
+    subprocess.run([sys.executable, "-c", _REENCODE, str(src), str(dest), codec, str(n)], check=True,
+                   capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

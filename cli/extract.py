@@ -80,6 +80,8 @@ def _flow_params(items):
 @click.option("--spatial-grid", type=int, default=None, help="Also store the last conv map pooled to GxG.")
 @click.option("--foveated", is_flag=True, help="Context + fovea streams (Karpathy et al. 3.2).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: the stream CNNs run by ONNX Runtime on the CPU (fp32; pip install -e '.[onnx]').")
 @click.option("--decoder", type=click.Choice(["auto", "decord", "pyav", "torchcodec"]), default="auto",
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
@@ -99,7 +101,7 @@ def _flow_params(items):
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Videos per shard with --engine ray.")
 def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames, all_frames, backbone, weights,
             flow_weights, rgb_checkpoint, flow_method, flow_param, flow_bound, flow_stack, tta, keep_views, spatial_grid,
-            foveated, precision, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
+            foveated, precision, runtime, decoder, device, batch_size, workers, timeout, limit, retry_failed, commit_every,
             quiet, shard, engine, address, shard_size):
     """Stage one: extract per-frame features of every video in DATASET into the store --out (resumable).
 
@@ -116,7 +118,7 @@ def extract(dataset, out, streams, split_dir, csv_path, frames, fps, max_frames,
         sampling=_sampling(frames, fps, all_frames, max_frames), backbone=backbone,
         weights=rgb_checkpoint or weights, flow_weights=flow_weights, tta=tta, keep_views=keep_views, precision=precision,
         spatial_grid=spatial_grid, foveated=foveated, flow_method=flow_method, flow_params=_flow_params(flow_param),
-        flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder)
+        flow_bound=flow_bound, flow_stack=flow_stack, decoder=decoder, runtime=runtime)
     opts = RunOptions(device=device, batch_size=batch_size, workers=workers, timeout=timeout, limit=limit,
                       retry_failed=retry_failed, commit_every=commit_every, progress=not quiet)
     if "flow" in cfg.streams and flow_method in ("tvl1", "brox") and not quiet:

@@ -315,7 +315,7 @@ class OnnxRuntimeBackbone:
 
     On the development machine's CPU, EfficientNet-Lite0 at batch 32 ran 1.8-3.3x faster than torch eager
     (channels_last) with features at cosine 1.000000 (``python bench/runtime.py``): it fuses each conv with its
-    batch norm and ReLU6 and runs no intra-op barriers between small ops. Needs ``pip install twostream[onnx]``.
+    batch norm and ReLU6 and runs no intra-op barriers between small ops. Needs ``pip install -e '.[onnx]'`` in a checkout.
     The graph is exported once per instance into a temporary file (the TorchScript exporter, opset 17).
     """
 

@@ -60,6 +60,7 @@ class ExtractConfig:
     flow_bound: float = 20.0              # clip at +-bound before quantising to uint8 (Ma et al.: 20)
     flow_stack: int = 10                  # L consecutive flow fields per temporal-stream input (2L channels)
     decoder: str = "auto"
+    runtime: str = "torch"                # torch | onnx: the stream CNNs run by ONNX Runtime (CPU, fp32)
 
 
 def resolve_device(device: str) -> str:
@@ -161,8 +162,20 @@ def build_streams(cfg: ExtractConfig, device: str) -> list[Stream]:
         weights = cfg.weights if s == "rgb" else (cfg.flow_weights or cfg.weights)
         bb = build_backbone(cfg.backbone, weights, in_chans=in_chans, device=device, foveated=cfg.foveated,
                             precision=cfg.precision)
-        streams.append(Stream(s, bb, cfg.tta, cfg.spatial_grid, cfg.keep_views))
+        streams.append(Stream(s, with_runtime(bb, cfg.runtime), cfg.tta, cfg.spatial_grid, cfg.keep_views))
     return streams
+
+
+def with_runtime(bb, runtime: str):
+    """``bb`` as ``runtime`` runs it: itself (torch), or exported to ONNX Runtime (``OnnxRuntimeBackbone``, whose
+    spec records ``runtime``, so a store holds features of one engine only)."""
+    if runtime in ("torch", None):
+        return bb
+    if runtime in ("onnx", "onnxruntime"):
+        from pipeline.backbones import OnnxRuntimeBackbone
+
+        return OnnxRuntimeBackbone(bb)
+    raise UserError(f"unknown --runtime {runtime!r}; choose torch or onnx")
 
 
 def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str, device: str = "cpu") -> dict:
@@ -267,6 +280,7 @@ def streams_from_config(config: dict, weights_for: Callable[[str, dict], str], d
         spec = config["backbones"][s]
         bb = build_backbone(spec["name"], weights_for(s, spec), in_chans=int(spec["in_chans"]), device=device,
                             foveated=bool(spec["foveated"]), precision=spec["precision"])
+        bb = with_runtime(bb, spec.get("runtime", "torch"))  # the engine that made the store's features
         bb.spec = dict(spec)  # the store's record (a re-saved weights file has another name and hash)
         out.append(Stream(s, bb, config.get("tta", "center"), config.get("spatial_grid"),
                           bool(config.get("keep_views"))))

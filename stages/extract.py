@@ -90,6 +90,15 @@ def check_settings(cfg: ExtractConfig, opts: RunOptions) -> None:
         raise UserError(f"--timeout must be > 0 seconds; got {opts.timeout}")
     if opts.commit_every < 1:
         raise UserError(f"--commit-every must be >= 1; got {opts.commit_every}")
+    if cfg.runtime not in ("torch", "onnx"):
+        raise UserError(f"--runtime must be torch or onnx; got {cfg.runtime!r}")
+    if cfg.runtime == "onnx":
+        import importlib.util
+
+        if not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
+            raise UserError("--runtime onnx needs ONNX Runtime: pip install -e '.[onnx]'")
+        if cfg.spatial_grid or cfg.precision == "bf16":
+            raise UserError("--runtime onnx runs fp32 pooled features: drop --spatial-grid / --precision bf16")
     if "flow" in cfg.streams:
         check_flow_settings(cfg)
 

@@ -218,3 +218,44 @@ def test_keep_views_stores_each_tta_view_and_their_mean(tiny_dataset, tmp_path, 
     assert "views      rgb: features averaged over 2 views (flip)" in out and "rgb_views: 2 views (flip)" in out
     code, out = run_cli("extract", tiny_dataset, "--out", tmp_path / "c", *FAST, "--keep-views")
     assert code == 2 and "--tta flip or 10crop" in out
+
+
+def test_runtime_onnx_gives_the_torch_features_in_a_store_of_its_own(tiny_dataset, tmp_path):
+    """`--runtime onnx`: the CNN run by ONNX Runtime, features at cosine >= 0.999 to torch's; the store records the
+    engine, so the two never mix (and predict rebuilds the same engine from the record)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from dataclasses import replace
+
+    from stages.extract import ExtractConfig, RunOptions, extract
+
+    opts = RunOptions(workers=0, progress=False)
+    cfg = ExtractConfig(sampling=Sampling(mode="frames", frames=4), backbone="timm:test_efficientnet", weights="random")
+    stores = {}
+    for runtime in ("torch", "onnx"):
+        stores[runtime] = tmp_path / runtime
+        s = extract(tiny_dataset, stores[runtime], replace(cfg, runtime=runtime), opts, log=lambda *_: None)
+        assert s.failed == 0
+    a, b = FeatureStore.open(stores["torch"]), FeatureStore.open(stores["onnx"])
+    assert a.ids() == b.ids() and b.config["backbones"]["rgb"]["runtime"] == "onnxruntime"
+    assert "runtime" not in a.config["backbones"]["rgb"]
+    for v in a.ids():
+        x, y = a.get(v).astype(np.float32), b.get(v).astype(np.float32)
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+        assert cos.min() >= 0.999, (v, cos.min())
+    with pytest.raises(Exception, match="different config"):  # torch features into the onnx store: refused
+        extract(tiny_dataset, stores["onnx"], cfg, replace(opts, retry_failed=True), log=lambda *_: None)
+
+
+def test_runtime_onnx_without_onnxruntime_is_one_line(tiny_dataset, tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.errors import UserError
+    from stages.extract import ExtractConfig, RunOptions, check_settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("onnx") else real(name, *a))
+    with pytest.raises(UserError, match=r"--runtime onnx needs ONNX Runtime: pip install -e '\.\[onnx\]'"):
+        check_settings(ExtractConfig(runtime="onnx"), RunOptions())
+    code, text = run_cli_subprocess("extract", str(tiny_dataset), "--out", str(tmp_path / "s"), "--runtime", "gpu")
+    assert code == 2 and len(text.strip().splitlines()) == 1 and "--runtime" in text

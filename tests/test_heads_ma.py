@@ -11,6 +11,7 @@ from pipeline.heads import HEADS
 from pipeline.heads.temporal_conv import halve_time
 from pipeline.heads.temporal_pool import segment_bounds, segment_pool
 from pipeline.registry import RegistryError
+from tests.head_contract import check_any_length, check_mixed_lengths, check_padding_changes_nothing, padded_batch
 
 torch.set_num_threads(1)
 
@@ -37,50 +38,24 @@ def lstm_params(i: int, h: int) -> int:
     return 4 * (h * (i + h) + 2 * h)
 
 
-def padded_batch(lengths, T=None, dim=D, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = T or max(lengths)
-    x = torch.randn(len(lengths), T, dim, generator=g)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return x, mask
-
-
 # ---------------------------------------------------------------- shapes and masks (every head)
 
 @pytest.mark.parametrize("name", MA_HEADS)
 @pytest.mark.parametrize("T", [1, 2, 7, 25])
 def test_shapes_for_any_length(name, T):
-    model = build(name).eval()
-    x, mask = padded_batch([T] * 3)
-    with torch.no_grad():
-        out, out_masked = model(x), model(x, mask)
-    assert out.shape == (3, C) and torch.isfinite(out).all()
-    torch.testing.assert_close(out, out_masked)
+    check_any_length(build(name).eval(), T, D, C)
 
 
 @pytest.mark.parametrize("name", MA_HEADS)
 def test_mixed_lengths_equal_each_video_alone(name):
-    model = build(name).eval()
-    lengths = [9, 4, 1, 2]
-    x, mask = padded_batch(lengths)
-    with torch.no_grad():
-        batched = model(x, mask)
-        alone = torch.cat([model(x[i:i + 1, :n]) for i, n in enumerate(lengths)])
-    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    check_mixed_lengths(build(name).eval(), D)
 
 
 @pytest.mark.parametrize("name", MA_HEADS)
 @pytest.mark.parametrize("train", [False, True])
 def test_appending_padding_changes_no_output(name, train):
     # train mode too: BN statistics come from valid frames only, so padding cannot move them
-    model = build(name, {"dropout": "0"}).train(train)
-    x, mask = padded_batch([6, 3, 5])
-    junk = torch.randn(3, 4, D) * 100  # padding frames with large values: any leak would show
-    xp, mp = torch.cat([x, junk], 1), torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], 1)
-    y = torch.tensor([0, 1, 2])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, mask), model(xp, mp), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.loss(x, mask, y), model.loss(xp, mp, y), atol=1e-5, rtol=1e-5)
+    check_padding_changes_nothing(build(name, {"dropout": "0"}).train(train), D)
 
 
 @pytest.mark.parametrize("name", ["two-stream", "lstm"])

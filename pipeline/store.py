@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -154,12 +155,17 @@ def _partial_name(path: Path) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a ``*.partial`` file + fsync + rename (replacing ``path``). A failed write
+    """Write ``text`` to ``path`` via a ``*.partial`` file + fsync + rename (``atomic_write_bytes``)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a ``*.partial`` file + fsync + rename (replacing ``path``). A failed write
     leaves no partial behind."""
     # A partial name of its own per call: shards started together all write some files; a shared temporary
     # name would let one rename the other's half-written file.
     tmp = _partial_name(path)
-    _write_new_file(tmp, text.encode())
+    _write_new_file(tmp, data)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -408,12 +414,13 @@ class StoreIndex:
         if not new:
             return self
         names = sorted(self.parts + [p.path.name for p in new])
-        remap = np.array([names.index(n) for n in self.parts], np.int32) if self.parts else np.zeros(0, np.int32)
+        position = {n: i for i, n in enumerate(names)}  # a dict, not list.index: 10,000 parts would be quadratic
+        remap = np.array([position[n] for n in self.parts], np.int32)
         added = StoreIndex.build(new)
         for name, shape in added.streams.items():
             if self.streams.setdefault(name, shape) != shape:
                 raise DamagedPart(new[0].path, f"stream {name} has frame shape {shape}, other parts {self.streams[name]}")
-        added_remap = np.array([names.index(n) for n in added.parts], np.int32)
+        added_remap = np.array([position[n] for n in added.parts], np.int32)
         stamps = dict(zip(self.parts, self.stamps)) | dict(zip(added.parts, added.stamps))
         part = np.concatenate([remap[self.part], added_remap[added.part]]).astype(np.int32)
         ids = np.concatenate([self.ids, added.ids])
@@ -430,19 +437,11 @@ class StoreIndex:
     def save(self, path: Path) -> None:
         meta = {"version": INDEX_VERSION, "parts": self.parts, "stamps": self.stamps,
                 "streams": {k: list(v) for k, v in self.streams.items()}, "fingerprint": self.fingerprint}
-        import io
-
         buf = io.BytesIO()
         source, digest = self.provenance()
         np.savez(buf, meta=np.array(json.dumps(meta)), ids=self.ids, part=self.part, start=self.start,
                  stop=self.stop, source=source, digest=digest)
-        tmp = _partial_name(path)
-        _write_new_file(tmp, buf.getvalue())
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> StoreIndex | None:

@@ -238,10 +238,6 @@ def run_ray(dataset: str | Path, out: str | Path, cfg, opts, shard_size: int = 6
     gets ``opts`` with its shard set and no progress bar, ``max(1, opts.workers)`` CPUs and one GPU when the
     cluster has GPUs and ``opts.device`` is not ``cpu``.
     """
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--engine ray needs Ray: pip install 'twostream[ray]'") from None
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -267,8 +263,7 @@ def run_ray(dataset: str | Path, out: str | Path, cfg, opts, shard_size: int = 6
         summary.wall = time.perf_counter() - t0
         return summary
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray = connect_ray(address)
     gpus = 1 if opts.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(_extract_shard).options(num_cpus=max(1, opts.workers), num_gpus=gpus,
                                               max_retries=max_retries, retry_exceptions=False)
@@ -304,6 +299,22 @@ def run_ray(dataset: str | Path, out: str | Path, cfg, opts, shard_size: int = 6
         bar.close()
     summary.wall = time.perf_counter() - t0
     return summary
+
+
+def connect_ray(address: str | None = None):
+    """The ``ray`` module, connected: to the cluster at ``address`` (``"auto"``: the one ``ray start`` made on this
+    node), else to a Ray already initialised in this process, else a new local one. One line when Ray is missing
+    or the cluster cannot be reached."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install -e '.[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot reach a Ray cluster at {address or 'a new local instance'}: {e}") from None
+    return ray
 
 
 def _first_line(e: BaseException) -> str:

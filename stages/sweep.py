@@ -373,27 +373,25 @@ def _run_ray(jobs: list, cache_gb: float, done: Callable[[int, dict], None], add
     and trained afresh, so a run is never trained twice into one directory and a dead node costs only its runs in
     flight.
     """
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--engine ray needs Ray: pip install -e '.[ray]'") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot reach a Ray cluster at {address or 'a new local instance'}: {e}") from None
+    from stages.distributed import connect_ray
+
+    ray = connect_ray(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(_ray_run_one)
     pending = {task.remote(job, cache_gb): i for i, job in enumerate(jobs)}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        try:
-            info = ray.get(ready[0])
-        except ray.exceptions.RayError as e:  # retries spent: the worker kept dying
-            info = {"status": "failed", "seconds": 0.0,
-                    "error": f"the Ray task died {max_retries + 1} times: {str(e).splitlines()[0]}"}
-        done(i, info)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                info = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # retries spent: the worker kept dying
+                info = {"status": "failed", "seconds": 0.0,
+                        "error": f"the Ray task died {max_retries + 1} times: {str(e).splitlines()[0]}"}
+            done(i, info)
+    finally:
+        for ref in pending:  # Ctrl-C: the runs still queued or training stop with the sweep, as local workers do
+            ray.cancel(ref, force=True)
 
 
 @dataclass

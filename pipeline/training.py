@@ -555,7 +555,7 @@ KERNEL_MATRICES = 3  # chi-square kernels an SVM baseline holds at once (per str
 
 def check_kernel_budget(head: str, n_train: int, memory_gb: float) -> None:
     """Refuse a kernel baseline whose n x n float64 Gram matrices would not fit ``memory_gb`` (UCF101's 9,537
-    training videos need about 2 GB; Kinetics' 240k would need about 1.4 TB): one line instead of an
+    training videos need about 2 GB; Kinetics' 240k would need about 1.3 TB): one line instead of an
     out-of-memory kill after the features were loaded."""
     need = KERNEL_MATRICES * 8 * n_train**2 / 2**30
     if need > memory_gb:

@@ -9,7 +9,9 @@ must. Every head is trained as a user would run it: `twostream train --head H --
 
 Slow: it extracts the 96 demo videos (RGB, 25 frames) with the real backbone, then trains every head. Set
 ``TWOSTREAM_DEMO_DATA`` and ``TWOSTREAM_DEMO_STORE`` to reuse a demo dataset and a store extracted from it (e.g.
-data/demo and data/demo-store of `make extract`) instead.
+data/demo and data/demo-store of `make extract`) instead, and ``TWOSTREAM_DEMO_RUNS`` to a runs directory whose
+finished runs of the same configs are read back instead of trained again (bench/recipes.py --runs makes them: its
+seed-0 `converge` runs on rgb are this test's runs).
 """
 
 import math
@@ -50,7 +52,7 @@ CI_HEADS = {"ts-lstm", "temporal-pool", "temporal-inception", "single-frame"}
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
+    runs = Path(os.environ.get("TWOSTREAM_DEMO_RUNS") or tmp_path_factory.mktemp("runs"))
     if os.environ.get("TWOSTREAM_DEMO_STORE"):
         return Path(os.environ["TWOSTREAM_DEMO_DATA"]), Path(os.environ["TWOSTREAM_DEMO_STORE"]), runs
     tmp = tmp_path_factory.mktemp("demo")

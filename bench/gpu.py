@@ -25,7 +25,7 @@ What it measures, each through the code that ``twostream extract`` runs:
 CUDA graphs are not tried: TV-L1 stops each pair on its own (a host-side test of the per-pair change every inner
 iteration, IPOL Alg. 2 line 14) and Brox's level loop builds a host tensor per level, so neither can be captured as
 is. Timings synchronise the device around every timed call and follow a warm-up call (allocations, cuDNN plans,
-compilation). A time budget per section (``--budget``, default 270 s in all) skips the rows that would not fit:
+compilation). A time budget per section (``--budget``, default 240 s in all, a section overrunning by one row at most) skips the rows that would not fit:
 those rows say so.
 """
 
@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -100,6 +101,11 @@ def timed_reps(fn, dev: torch.device, min_s: float, max_reps: int):
 
 def why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".rstrip(": ")
+
+
+def said(r: dict, digits: int) -> str:
+    """A row in a few words for the progress lines: its rate, or why it has none."""
+    return f"{r['rate']:.{digits}f} {r['unit']}" if r["rate"] else r["note"]
 
 
 class Budget:
@@ -204,14 +210,14 @@ def bench_decode(clips: dict, dev: torch.device, budget: Budget, min_s: float) -
                         reset_peak(dev)
                         got = decode(path, backend, device=d)  # warm-up (decoder contexts, NVDEC session)
                         n = got.n_frames
-                        sec, reps, _ = timed_reps(lambda: decode(path, backend, device=d), dev, min_s, 5)
+                        sec, reps, _ = timed_reps(partial(decode, path, backend, device=d), dev, min_s, 5)
                         r.update(rate=n / sec, frames=n, reps=reps, peak_mib=peak_mib(dev) if d != "cpu" else None)
                         if got.backend != backend:  # decord falls back to PyAV on files it cannot read
                             r["note"] = f"{backend} failed, {got.backend} decoded it"
                     except Exception as e:  # noqa: BLE001 - a decoder that refuses this codec: say why
                         r["note"] = f"not available: {why(e)}"
                 print(f"decode {codec:5s} {label:20s} "
-                      f"{'%.0f frames/s' % r['rate'] if r['rate'] else r['note']}", flush=True)
+                      f"{said(r, 0)}", flush=True)
     return rows
 
 
@@ -264,12 +270,12 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
         try:
             reset_peak(dev)
             first = None
-            if warm_each or b == batches[0]:
+            if warm_each or b == batches[0] or variant != "eager":  # compiled: a new shape can recompile
                 t0 = time.perf_counter()
                 fn(p, q)  # warm-up (and compilation)
                 sync(dev)
                 first = time.perf_counter() - t0
-            sec, reps, out = timed_reps(lambda: fn(p, q), dev, min_s, 3)
+            sec, reps, out = timed_reps(partial(fn, p, q), dev, min_s, 3)
             last = sec
             r.update(rate=b / sec, reps=reps, first_call_s=first, epe_px=epe(out, gt[idx]), peak_mib=peak_mib(dev))
             if variant != "eager" and first is not None:
@@ -280,7 +286,7 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
                 torch.cuda.empty_cache()
             last = float("inf")
         print(f"{method} {variant} batch {b}: "
-              f"{'%.2f pairs/s, EPE %.3f px' % (r['rate'], r['epe_px']) if r['rate'] else r['note']}", flush=True)
+              f"{said(r, 2)}" + (f", EPE {r['epe_px']:.3f} px" if r["rate"] else ""), flush=True)
     return rows
 
 
@@ -347,13 +353,13 @@ def bench_cnn(dev: torch.device, batches: list[int], budget: Budget, min_s: floa
             try:
                 reset_peak(dev)
                 s.backbone.extract(x, batch_size=b)  # warm-up: cuDNN plans, allocations
-                sec, reps, _ = timed_reps(lambda: s.backbone.extract(x, batch_size=b), dev, min_s, 5)
+                sec, reps, _ = timed_reps(partial(s.backbone.extract, x, batch_size=b), dev, min_s, 5)
                 last = sec
                 r.update(rate=b / sec, reps=reps, peak_mib=peak_mib(dev))
             except Exception as e:  # noqa: BLE001 - out of memory at a large batch
                 r["note"] = f"failed: {why(e)}"
                 last = float("inf")
-            print(f"CNN {label} batch {b}: {'%.1f images/s' % r['rate'] if r['rate'] else r['note']}", flush=True)
+            print(f"CNN {label} batch {b}: {said(r, 1)}", flush=True)
     return rows
 
 
@@ -382,13 +388,24 @@ def bench_e2e(frames: np.ndarray, tmp: Path, dev: torch.device, codec: str, size
             shutil.copy(clip, d / f"v_Class{i % 2}_g{i // 2 + 1:02d}_c01{clip.suffix}")
         return root
 
-    cfg = ExtractConfig(streams=("rgb", "flow"), sampling=Sampling("frames", n_frames), flow_method="tvl1",
-                        decoder=decoder)
+    def config(dec: str) -> ExtractConfig:
+        return ExtractConfig(streams=("rgb", "flow"), sampling=Sampling("frames", n_frames), flow_method="tvl1",
+                             decoder=dec)
+
     # workers=0: in-process (extract does so anyway on CUDA with GPU flow; on the CPU it saves spawning a worker)
     opts = RunOptions(device=str(dev), workers=0, progress=True)
+    fallback = ""
     try:
         reset_peak(dev)
+        cfg = config(decoder)
         first = extract(dataset(1), tmp / "store-1", cfg, opts, log=lambda m: None)
+        if first.failed and decoder == "auto" and dev.type == "cuda":  # NVDEC refused the codec: decode on the CPU
+            from pipeline.video import choose_backend
+
+            cpu_decoder = choose_backend("auto", "cpu")
+            fallback = (f"auto decoder failed ({first.failures[0]['message'][:80]}), so {cpu_decoder} decoded; ")
+            cfg = config(cpu_decoder)
+            first = extract(dataset(1), tmp / "store-1b", cfg, opts, log=lambda m: None)
         if first.failed:
             raise RuntimeError(f"{first.failures[0]['error']}: {first.failures[0]['message'][:160]}")
         n = videos
@@ -398,15 +415,18 @@ def bench_e2e(frames: np.ndarray, tmp: Path, dev: torch.device, codec: str, size
         run = extract(dataset(n), tmp / f"store-{n}", cfg, opts, log=lambda m: None)
         per = {k: v / max(run.done, 1) for k, v in run.seconds.items()}
         marginal = (n - 1) / (run.wall - first.wall) if n > 1 and run.wall > first.wall else None
-        r.update(setting=f"{run.done} videos, {n_frames} frames each, decoder {decoder}", rate=run.done / run.wall,
+        from pipeline.video import choose_backend
+
+        used = choose_backend(cfg.decoder, str(dev))
+        r.update(setting=f"{run.done} videos, {n_frames} frames each, decoder {used}", rate=run.done / run.wall,
                  videos=run.done, failed=run.failed, wall_s=run.wall, setup_free_videos_s=marginal,
                  seconds_per_video=per, frames_per_video=n_frames, peak_mib=peak_mib(dev),
-                 note=("; ".join(f"{k} {v:.3f}" for k, v in per.items()) + " s/video"
+                 note=(fallback + "; ".join(f"{k} {v:.3f}" for k, v in per.items()) + " s/video"
                        + (f"; {marginal:.2f} videos/s without the run's fixed cost" if marginal else "")
                        + (f"; {run.failed} failed: {run.failures[0]['message'][:80]}" if run.failed else "")))
     except Exception as e:  # noqa: BLE001 - a decoder that refuses the clip, out of memory: the row says so
         r["note"] = f"failed: {why(e)}"
-    print(f"end to end: {'%.2f videos/s' % r['rate'] if r['rate'] else r['note']}", flush=True)
+    print(f"end to end: {said(r, 2)}", flush=True)
     return [r]
 
 
@@ -442,8 +462,8 @@ def table(report: dict) -> str:
     m = report["machine"]
     lines = ["| stage | variant | setting | rate | unit | EPE (px) | peak memory (MiB) | note |",
              "|---|---|---|---:|---|---:|---:|---|",
-             f"| machine | {m['device_name']} | torch {m['torch']}, CUDA {m['cuda'] or '-'}, {m['cpus']} CPUs | | | | "
-             f"| {'GPU memory: max_memory_allocated' if m['device'] != 'cpu' else 'CPU memory: peak RSS'} |"]
+             (f"| machine | {m['device_name']} | torch {m['torch']}, CUDA {m['cuda'] or '-'}, {m['cpus']} CPUs | | | "
+              f"| | {'GPU memory: max_memory_allocated' if m['device'] != 'cpu' else 'CPU memory: peak RSS'} |")]
     for r in report["rows"]:
         note = str(r["note"]).replace("|", "/")
         lines.append(f"| {r['stage']} | {r['variant']} | {r['setting']} | {fmt(r['rate'])} | {r['unit']} | "
@@ -476,7 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--md", default=None, help="Markdown table path (overrides --out)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows of TV-L1")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds for all sections together (default 270)")
+    ap.add_argument("--budget", type=float, default=240.0,
+                    help="seconds shared by the sections (default 240; a section may overrun by one row)")
     ap.add_argument("--flow-size", default=None, help="W x H of the flow pairs (default 340x256; quick 64x48)")
     ap.add_argument("--flow-batches", default=None, help="default 1,2,4,...,256 on CUDA; 1,2 on the CPU")
     ap.add_argument("--cnn-batches", default=None, help="default 32,64,128,256 on CUDA; 1,2 on the CPU")
@@ -513,7 +534,6 @@ def main(argv: list[str] | None = None) -> dict:
     e2e_size = wh(args.e2e_size, (64, 48) if quick else (320, 240))
     e2e_frames = args.e2e_frames or (2 if quick else 25)
     min_s = 0.0 if quick else 1.0  # timed seconds per row (at least one call)
-    torch.backends.cudnn.benchmark = True
 
     machine = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -560,4 +580,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import UserError
+
+    try:
+        main()
+    except UserError as e:  # e.g. --device cuda on a machine without CUDA: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,80 @@
+"""bench/gpu.py, the one-command GPU benchmark of stage one, runs on the CPU at tiny sizes: every section gives its
+rows (rates where a backend exists, a reason where not), the flow rows are accurate against the known warp, and the
+JSON and the Markdown table hold the same rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick",
+                           "--out", str(out), *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md").read_text()
+
+
+def _rows(report: dict, stage: str, variant: str | None = None) -> list[dict]:
+    return [r for r in report["rows"] if r["stage"] == stage and (variant is None or r["variant"] == variant)]
+
+
+def test_cpu_quick_run_measures_every_section(tmp_path):
+    report, md = _run(tmp_path, "--no-compile")
+    assert {"machine", "goals", "settings", "rows", "wall_s"} <= set(report)
+    assert report["machine"]["device"] == "cpu" and report["goals"] == {"tvl1_pairs_s": 1000.0, "e2e_videos_s": 5.0}
+
+    decode = _rows(report, "decode")
+    assert {r["setting"] for r in decode} == {"mjpeg", "mpeg4", "h264"}
+    for r in decode:  # a rate, or one line saying why not (torchcodec / NVDEC here)
+        assert (r["rate"] or 0) > 0 or r["note"].startswith("not available: "), r
+    assert all(r["rate"] > 0 for r in decode if r["variant"] == "decord (CPU)")
+    nvdec = [r for r in decode if "NVDEC" in r["variant"]]
+    assert len(nvdec) == 3 and all(r["rate"] is None and r["note"].startswith("not available") for r in nvdec)
+
+    tv = _rows(report, "TV-L1", "eager")
+    assert [r["batch"] for r in tv] == [1, 2]
+    for r in tv:  # pairs warped by a known field: speed is reported with its accuracy
+        assert r["rate"] > 0 and r["epe_px"] < 0.3 and r["peak_mib"] > 0, r
+    assert _rows(report, "TV-L1", "torch.compile")[0]["note"] == "skipped: --no-compile"
+    assert [r["batch"] for r in _rows(report, "Brox", "eager") if r["rate"] > 0 and r["epe_px"] < 0.3] == [1, 2]
+    ref = _rows(report, "TV-L1", "OpenCV DualTVL1 (CPU, reference)")[0]
+    assert ref["ours_vs_opencv_px"] < 0.1 and abs(ref["ours_epe_px"] - ref["epe_px"]) < 0.05, ref
+
+    cnn = _rows(report, "CNN")
+    assert {r["variant"].split()[0] for r in cnn} == {"rgb", "flow"} and all(r["rate"] > 0 for r in cnn)
+    assert all("fp32" in r["setting"] for r in cnn)  # bf16 autocast only on CUDA
+
+    (e2e,) = _rows(report, "end to end")
+    assert e2e["videos"] == 2 and e2e["failed"] == 0 and e2e["rate"] > 0, e2e
+    assert set(e2e["seconds_per_video"]) >= {"decode", "flow", "cnn"}
+    goals = _rows(report, "goal")
+    assert len(goals) == 2 and all(r["note"].startswith("not judged") for r in goals)  # a CPU run judges nothing
+
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| stage | variant | setting | rate |") and lines[2].startswith("| machine |")
+    assert len(lines) == 3 + len(report["rows"])
+    assert lines[3].startswith("| decode | decord (CPU) | mjpeg |")
+
+
+def test_unknown_section_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--sections", "nvlink"],
+                          cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "unknown section(s) nvlink; choose from decode, flow, cnn, e2e"]
+
+
+@pytest.mark.slow
+def test_compiled_tvl1_rows_match_eager_accuracy(tmp_path):
+    report, _ = _run(tmp_path, "--sections", "flow", "--flow-batches", "1,2")
+    eager, compiled = _rows(report, "TV-L1", "eager"), _rows(report, "TV-L1", "torch.compile")
+    assert [r["batch"] for r in compiled] == [1, 2] and all(r["rate"] > 0 for r in compiled), compiled
+    for e, c in zip(eager, compiled):
+        assert abs(e["epe_px"] - c["epe_px"]) < 0.01, (e, c)

@@ -251,7 +251,8 @@ def epe(flow: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> float
 
 def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches: list[int], budget: Budget,
                min_s: float, size: tuple[int, int], warm_each: bool = True) -> list[dict]:
-    """Pairs/s of ``fn(prev, nxt)`` (float [B,1,H,W] on ``dev``) per batch size; batches tile the known pairs.
+    """Pairs/s of ``fn(prev, nxt)`` (float [B,1,H,W] on ``dev``) per batch size; batches tile the known pairs, so a
+    row's EPE is over the first min(B, 8) of them (rows of batch 8 and up hold the same pairs: equal EPE expected).
     A warm-up call precedes every row (``warm_each``; a new shape can mean new allocations, cuDNN plans, a
     recompilation), else only the first (the quick CPU run)."""
     prev, nxt, gt = (torch.from_numpy(a) for a in pairs)
@@ -260,8 +261,11 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
         r = row(method, variant, f"{size[0]}x{size[1]}, batch {b}", unit="pairs/s", batch=b)
         rows.append(r)
         # a row costs about (warm-up + one timed call) = 2x the last row's call, twice as many pairs
-        if not budget.fits(0 if last is None else 4 * last):
+        if last == float("inf"):
+            r["note"] = "skipped: a smaller batch failed"
+        elif not budget.fits(0 if last is None else 4 * last):
             r["note"] = budget.skipped()
+        if r["note"]:
             print(f"{method} {variant} batch {b}: {r['note']}", flush=True)
             continue
         idx = torch.arange(b) % len(prev)
@@ -346,8 +350,12 @@ def bench_cnn(dev: torch.device, batches: list[int], budget: Budget, min_s: floa
         for b in batches:
             r = row("CNN", label, f"{spec['precision']}, batch {b}", unit="images/s", batch=b)
             rows.append(r)
-            if not budget.fits(0 if last is None else 4 * last):
+            if last == float("inf"):
+                r["note"] = "skipped: a smaller batch failed"
+            elif not budget.fits(0 if last is None else 4 * last):
                 r["note"] = budget.skipped()
+            if r["note"]:
+                print(f"CNN {label} batch {b}: {r['note']}", flush=True)
                 continue
             x = torch.randn(b, 1, c, px, px)  # preprocessed views [N,V,C,S,S] on the host, as embed() passes them
             try:

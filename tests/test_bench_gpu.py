@@ -78,3 +78,34 @@ def test_compiled_tvl1_rows_match_eager_accuracy(tmp_path):
     assert [r["batch"] for r in compiled] == [1, 2] and all(r["rate"] > 0 for r in compiled), compiled
     for e, c in zip(eager, compiled):
         assert abs(e["epe_px"] - c["epe_px"]) < 0.01, (e, c)
+
+
+def _gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_gpu", ROOT / "bench" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_failed_batch_and_a_spent_budget_are_rows_saying_so():
+    import numpy as np
+    import torch
+
+    gpu = _gpu_module()
+    pairs = (np.zeros((2, 8, 8), np.uint8), np.zeros((2, 8, 8), np.uint8), np.zeros((2, 2, 8, 8), np.float32))
+
+    def flow(p, q):  # zero flow (the truth here) until the batch is too big, as a GPU out of memory
+        if len(p) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(len(p), 2, *p.shape[-2:])
+
+    rows = gpu.flow_sweep("TV-L1", "eager", flow, pairs, torch.device("cpu"), [1, 2, 4], gpu.Budget(60), 0.0, (8, 8))
+    assert rows[0]["rate"] > 0 and rows[0]["epe_px"] == 0.0
+    assert rows[1]["rate"] is None and rows[1]["note"] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows[2]["note"] == "skipped: a smaller batch failed"
+    spent = gpu.flow_sweep("Brox", "eager", flow, pairs, torch.device("cpu"), [1], gpu.Budget(-1), 0.0, (8, 8))
+    assert spent[0]["rate"] is None and spent[0]["note"].startswith("skipped: the section's time budget")
+    assert gpu.out_paths(gpu.argparse.Namespace(out="r/gpu.md", json=None, md=None)) == (Path("r/gpu.json"),
+                                                                                         Path("r/gpu.md"))

@@ -50,6 +50,7 @@ def test_cpu_quick_run_measures_every_section(tmp_path):
     cnn = _rows(report, "CNN")
     assert {r["variant"].split()[0] for r in cnn} == {"rgb", "flow"} and all(r["rate"] > 0 for r in cnn)
     assert all("fp32" in r["setting"] for r in cnn)  # bf16 autocast only on CUDA
+    assert all(r["device_input_rate"] > 0 for r in cnn)  # the CNN alone, its input already on the device
 
     (e2e,) = _rows(report, "end to end")
     assert e2e["videos"] == 2 and e2e["failed"] == 0 and e2e["rate"] > 0, e2e

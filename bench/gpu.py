@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import resource
 import shutil
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "cuda": torch.version.cuda if dev.type == "cuda" else None,
-               "cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
+               "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                "quick": quick}
     print(f"# {machine['device_name']}, torch {machine['torch']}; sections {','.join(sections)}; "
           f"budget {args.budget:.0f} s{' (quick sizes)' if quick else ''}", flush=True)

@@ -298,8 +298,10 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
             sec, reps, out = timed_reps(partial(fn, p, q), dev, min_s, 3)
             last = sec
             r.update(rate=b / sec, reps=reps, first_call_s=first, epe_px=epe(out, gt[idx]), peak_mib=peak_mib(dev))
+            notes = [f"EPE over {b} of the {len(prev)} pairs"] if b < len(prev) else []
             if variant != "eager" and first is not None:
-                r["note"] = f"first call {first:.1f} s"
+                notes.append(f"first call {first:.1f} s")
+            r["note"] = "; ".join(notes)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: the row says so
             r["note"] = f"failed: {why(e)}"
             if dev.type == "cuda":
@@ -592,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench_decode(clips, dev, Budget(args.budget * SHARES["decode"]), 0.0 if quick else 0.5)
         if "flow" in sections:
             rows += bench_flow(frames, dev, flow_size, flow_batches, not args.no_compile, args.budget, min_s,
-                               1 if quick else 2, warm_each=not quick)
+                               1 if quick else 8, warm_each=not quick)
         if "cnn" in sections:
             rows += bench_cnn(dev, cnn_batches, Budget(args.budget * SHARES["cnn"]), min_s)
         if "e2e" in sections:  # last: the in-process extraction keeps torch to one CPU thread afterwards

@@ -3,7 +3,7 @@
 One command, under five minutes on one GPU, one JSON and one Markdown table:
 
     python bench/gpu.py --out bench/results/gpu               # writes bench/results/gpu.json and gpu.md
-    python bench/gpu.py --device cpu --quick --out /tmp/gpu   # the same code paths on the CPU at tiny sizes (~30 s)
+    python bench/gpu.py --device cpu --quick --out /tmp/gpu   # the same code paths on the CPU at tiny sizes (~10 s)
 
 What it measures, each through the code that ``twostream extract`` runs:
 
@@ -17,16 +17,18 @@ What it measures, each through the code that ``twostream extract`` runs:
   same pairs for reference. Speed is not bought with accuracy when the EPE column stays put.
 - cnn: images/s per stream CNN (RGB spatial, stacked-flow temporal with 2L = 20 channels, Simonyan & Zisserman 2014
   Sec. 3), built as ``extract`` builds them (``build_streams``, bf16 autocast on CUDA, fp32 on CPU), through
-  ``Backbone.extract`` (host -> device -> host, as in extraction).
+  ``Backbone.extract`` (host -> device -> host, as in extraction), and alone on a batch already on the device.
 - e2e: videos/s of ``stages.extract.extract`` (decode -> TV-L1 -> stacks -> both CNNs -> store) over a folder of
   UCF101-like clips, default settings (25 frames per video, L = 10).
 - peak memory per row: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process's ``ru_maxrss``.
 
-CUDA graphs are not tried: TV-L1 stops each pair on its own (a host-side test of the per-pair change every inner
-iteration, IPOL Alg. 2 line 14) and Brox's level loop builds a host tensor per level, so neither can be captured as
-is. Timings synchronise the device around every timed call and follow a warm-up call (allocations, cuDNN plans,
-compilation). A time budget per section (``--budget``, default 240 s in all, a section overrunning by one row at most) skips the rows that would not fit:
-those rows say so.
+Brox runs eager only: its fixed 10 x 10 x 2 red-black sweeps per level unroll into one very large graph for
+``torch.compile`` (compiling it had not finished after 6 minutes on a CPU). CUDA graphs are not tried: TV-L1 stops
+each pair on its own (a host-side test of the per-pair change every inner iteration, IPOL Alg. 2 line 14) and Brox's
+level loop builds a host tensor per level, so neither can be captured as is. Timings synchronise the device around
+every timed call and follow a warm-up call (allocations, cuDNN plans, compilation). A time budget per section
+(``--budget``, default 240 s in all; a section overruns by one row at most) skips the rows that would not fit: those
+rows say so.
 """
 
 from __future__ import annotations

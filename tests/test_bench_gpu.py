@@ -45,7 +45,9 @@ def test_cpu_quick_run_measures_every_section(tmp_path):
     assert _rows(report, "TV-L1", "torch.compile")[0]["note"] == "skipped: --no-compile"
     assert [r["batch"] for r in _rows(report, "Brox", "eager") if r["rate"] > 0 and r["epe_px"] < 0.3] == [1, 2]
     ref = _rows(report, "TV-L1", "OpenCV DualTVL1 (CPU, reference)")[0]
-    assert ref["ours_vs_opencv_px"] < 0.1 and abs(ref["ours_epe_px"] - ref["epe_px"]) < 0.05, ref
+    assert ref["ours_vs_ref_px"] < 0.1 and abs(ref["ours_epe_px"] - ref["epe_px"]) < 0.05, ref
+    (cpu,) = [r for r in report["rows"] if r["variant"].startswith("ours on the CPU")]
+    assert cpu["ours_vs_ref_px"] < 0.01 and cpu["rate"] > 0, cpu  # the device's flow is extraction's CPU flow
 
     cnn = _rows(report, "CNN")
     assert {r["variant"].split()[0] for r in cnn} == {"rgb", "flow"} and all(r["rate"] > 0 for r in cnn)

@@ -112,3 +112,32 @@ def test_a_failed_batch_and_a_spent_budget_are_rows_saying_so():
     assert spent[0]["rate"] is None and spent[0]["note"].startswith("skipped: the section's time budget")
     assert gpu.out_paths(gpu.argparse.Namespace(out="r/gpu.md", json=None, md=None)) == (Path("r/gpu.json"),
                                                                                          Path("r/gpu.md"))
+
+
+def test_end_to_end_falls_back_to_the_cpu_decoder_when_torchcodec_refuses_the_clips(tmp_path, monkeypatch):
+    """On CUDA the auto decoder is torchcodec (NVDEC); where it cannot decode the clips the row is still measured, on
+    the CPU decoder, and says so. Here torchcodec is not installed but chosen, as a broken NVDEC build would be."""
+    import torch
+
+    import stages.extract as stage
+    from pipeline import video
+
+    gpu = _gpu_module()
+    real_choose, real_extract, runs = video.choose_backend, stage.extract, []
+
+    def choose(requested="auto", device="cpu", available=None):  # torchcodec until the first run has failed
+        return "torchcodec" if requested == "auto" and not runs else real_choose(requested, device, available)
+
+    def extract(*args, **kwargs):
+        out = real_extract(*args, **kwargs)
+        runs.append((args[2].decoder, out.failed))
+        return out
+
+    monkeypatch.setattr(video, "choose_backend", choose)
+    monkeypatch.setattr(stage, "extract", extract)
+    frames = gpu.ucf_frames(tmp_path, 0.5)
+    (r,) = gpu.bench_e2e(frames, tmp_path, torch.device("cpu"), "mpeg4", (32, 24), 1, 1, "auto", gpu.Budget(60))
+    assert runs == [("auto", 1), ("decord", 0), ("decord", 0)], runs  # the failed warm-up, its retry, the timed run
+    assert r["videos"] == 1 and r["failed"] == 0 and r["rate"] > 0, r
+    assert r["note"].startswith("auto decoder failed (No module named 'torchcodec'), so decord decoded; ")
+    assert r["setting"].endswith("decoder decord")

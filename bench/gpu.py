@@ -286,6 +286,7 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
         if r["note"]:
             print(f"{method} {variant} batch {b}: {r['note']}", flush=True)
             continue
+        print(f"{method} {variant} batch {b}: running", flush=True)  # a compiling first call can take a minute
         idx = torch.arange(b) % len(prev)
         p = prev[idx].to(dev, torch.float32)[:, None]  # [b,1,H,W], 0..255
         q = nxt[idx].to(dev, torch.float32)[:, None]
@@ -605,17 +606,23 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="twostream-gpu-"))
     try:
         frames = ucf_frames(tmp, clip_s)  # [N,240,320,3] RGB
-        if "decode" in sections:
-            clips = write_clips(frames, tmp, tuple(c for c in args.codecs.split(",") if c))
-            rows += bench_decode(clips, dev, Budget(args.budget * SHARES["decode"]), 0.0 if quick else 0.5)
-        if "flow" in sections:
-            rows += bench_flow(frames, dev, flow_size, flow_batches, not args.no_compile, args.budget, min_s,
-                               1 if quick else 8, warm_each=not quick)
-        if "cnn" in sections:
-            rows += bench_cnn(dev, cnn_batches, Budget(args.budget * SHARES["cnn"]), min_s)
-        if "e2e" in sections:  # last: the in-process extraction keeps torch to one CPU thread afterwards
-            rows += bench_e2e(frames, tmp, dev, args.e2e_codec, e2e_size, e2e_videos, e2e_frames, args.decoder,
-                              Budget(args.budget * SHARES["e2e"]))
+        runs = {
+            "decode": lambda: bench_decode(write_clips(frames, tmp, tuple(c for c in args.codecs.split(",") if c)),
+                                           dev, Budget(args.budget * SHARES["decode"]), 0.0 if quick else 0.5),
+            "flow": lambda: bench_flow(frames, dev, flow_size, flow_batches, not args.no_compile, args.budget, min_s,
+                                       1 if quick else 8, warm_each=not quick),
+            "cnn": lambda: bench_cnn(dev, cnn_batches, Budget(args.budget * SHARES["cnn"]), min_s),
+            # last: the in-process extraction keeps torch to one CPU thread afterwards
+            "e2e": lambda: bench_e2e(frames, tmp, dev, args.e2e_codec, e2e_size, e2e_videos, e2e_frames,
+                                     args.decoder, Budget(args.budget * SHARES["e2e"])),
+        }
+        for name in SECTIONS:
+            if name in sections:
+                t = time.perf_counter()
+                print(f"# {name}", flush=True)
+                rows += runs[name]()
+                print(f"# {name}: {time.perf_counter() - t:.0f} s ({time.perf_counter() - t_start:.0f} s in all)",
+                      flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows += goal_rows(rows, dev, flow_size)

@@ -13,7 +13,7 @@ SPLITS  ?= 1 2 3
 PROTO   ?= data/protocol
 FT_ARGS ?=
 
-.PHONY: install demo extract train predict protocol sweep report test test-slow test-demo test-all bench readme-numbers lint clean
+.PHONY: install demo extract train predict protocol sweep report test test-slow test-demo test-all bench bench-gpu readme-numbers lint clean
 
 $(BIN)/twostream: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -86,6 +86,11 @@ bench: | $(BIN)/twostream
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/flow.py --quick
 	$(BIN)/python bench/train.py --quick
+
+# Stage one on one GPU, under 5 minutes: decode, TV-L1 / Brox, CNN and end-to-end rates with peak memory, into
+# bench/results/gpu.json and gpu.md (refuses without CUDA; `bench/gpu.py --device cpu --quick` is the CPU smoke run).
+bench-gpu: | $(BIN)/twostream
+	PYTHONPATH=. $(BIN)/python bench/gpu.py --device cuda --out bench/results/gpu
 
 # The README's tables marked <!-- bench/results/NAME.md --> are these outputs (tests/test_readme_numbers.py checks it).
 readme-numbers: | $(BIN)/twostream

@@ -44,6 +44,7 @@ from pipeline.features import (
     carve_fusion_fold,
     carve_validation,
     check_frames,
+    features_nbytes,
     iter_batches,
     join,
 )
@@ -260,11 +261,14 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     for note in notes:
         echo(f"warning: {note}")
 
-    def features(items):
+    def features(items, in_memory=None):
         return VideoFeatures(store, [it.id for it in items], labels_of(items, manifest), streams,
-                             frames=cfg.frames, memory_gb=cfg.memory_gb)
+                             frames=cfg.frames, memory_gb=cfg.memory_gb, in_memory=in_memory)
 
-    train_set, val_set = features(train_items), features(val_items)
+    # Training and validation sets are held at once: one budget for both, else both are streamed.
+    both = features_nbytes(store, [it.id for it in train_items + val_items], streams, cfg.frames)
+    together = both <= cfg.memory_gb * 2**30
+    train_set, val_set = features(train_items, together), features(val_items, together)
     classes, device = manifest.classes, resolve_device(job.device)
     if len(streams) > 1:
         echo(EARLY_FUSION_NOTE)

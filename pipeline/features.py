@@ -216,8 +216,8 @@ class VideoFeatures(torch.utils.data.Dataset):
     is streamed from the store. Fixed-T data in memory is one ``[N, T, D]`` array, so a batch is a single index
     operation. A streamed set is read by ``iter_batches`` in a background thread: in training through a shuffle
     buffer of ``shuffle_buffer`` videos (default: as many as ``memory_gb`` holds, at least
-    ``MIN_SHUFFLE_BUFFER``), in evaluation in order, two batches ahead; ``held_max`` records the most videos it
-    held at once.
+    ``MIN_SHUFFLE_BUFFER``), in evaluation in order, one batch ahead; ``held_max`` records the most videos read
+    and not yet batched at once (the batch being gathered adds one batch).
     """
 
     def __init__(self, store, ids: Sequence[str], labels: Sequence[int], streams: Sequence[str], frames: int = 25,
@@ -240,9 +240,11 @@ class VideoFeatures(torch.utils.data.Dataset):
         video_bytes = max(self.nbytes / max(len(self.ids), 1), 1.0)  # mean float16 bytes of one video
         if shuffle_buffer is not None and shuffle_buffer < 1:
             raise ValueError("shuffle_buffer must hold at least one video")
-        self.shuffle_buffer = int(shuffle_buffer or max(MIN_SHUFFLE_BUFFER, memory_gb * 2**30 // video_bytes))
+        fits = memory_gb * 2**30 // video_bytes if math.isfinite(memory_gb) else len(self.ids)  # videos
+        self.shuffle_buffer = int(shuffle_buffer or max(MIN_SHUFFLE_BUFFER, fits))
         self.held_max = 0
         self._groups: list[list[int]] | None = None
+        self._part: np.ndarray | None = None
         self._data: np.ndarray | list[torch.Tensor] | None = None
         if self.in_memory:
             self._data = self._load_all(chunk or max(1, int(LOAD_CHUNK_BYTES // video_bytes)))
@@ -290,17 +292,34 @@ class VideoFeatures(torch.utils.data.Dataset):
             x = x[sample_frames(len(x), self.frames)]
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
+    def items(self, index: Sequence[int]) -> list[np.ndarray]:
+        """Features of the videos ``index``, each [T, D] float16 (its own array), read together: the videos of one
+        part in one read where most of the part is wanted (``FeatureStore.load``)."""
+        ids = [self.ids[i] for i in index]
+        out = []
+        for arrs in zip(*(self._read(s, ids) for s in self.streams)):
+            x = np.concatenate(arrs, axis=1, dtype=np.float16)  # a copy: never a view of a part's block
+            out.append(x[sample_frames(len(x), self.frames)] if self.frames > 0 else x)
+        return out
+
+    def part_of(self) -> np.ndarray:
+        """[N] the part that stores each video (all 0 for a store without ``positions``)."""
+        self.part_groups()
+        return self._part
+
     def part_groups(self) -> list[list[int]]:
         """Indices of the set's videos grouped by the part that stores them, each group in stored order (a store
         without ``positions`` is one group in the set's order)."""
         if self._groups is None:
             if not hasattr(self.store, "positions") or not self.ids:
                 self._groups = [list(range(len(self.ids)))]
+                self._part = np.zeros(len(self.ids), np.int64)
             else:
                 pos = self.store.positions(self.ids)  # [N, 2] (part, first row)
                 order = np.lexsort((pos[:, 1], pos[:, 0]))
                 cuts = np.flatnonzero(np.diff(pos[order, 0])) + 1
                 self._groups = [g.tolist() for g in np.split(order, cuts)]
+                self._part = pos[:, 0]
         return self._groups
 
     @property
@@ -364,9 +383,11 @@ def buffered_order(groups: Sequence[Sequence[int]], buffer: int,
 
 
 class _Reader:
-    """Reads ``data.item(i)`` for ``i`` in ``read`` order in a background thread, holding at most ``capacity``
-    videos read and not yet taken; ``take(index)`` waits for those videos and returns them as a batch. Reading
-    (h5py, numpy) overlaps the training step, which releases the GIL in torch's kernels.
+    """Reads the videos ``read`` in that order in a background thread, holding at most ``capacity`` videos read and
+    not yet taken; ``take(index)`` waits for those videos and returns them as a batch. Consecutive videos of one
+    part are read together (``VideoFeatures.items``: one h5py read instead of one per video, about 6x faster per
+    video), as many as there is room for. Reading (h5py, numpy) overlaps the training step, which releases the GIL
+    in torch's kernels.
 
     Fixed-T videos are copied into ``capacity`` slots of one float16 array allocated once, so the memory held is
     that array whatever the store's size (per-video arrays freed by another thread than the one that allocated
@@ -387,22 +408,33 @@ class _Reader:
 
     def _run(self) -> None:
         try:
-            for r, i in enumerate(self.read):
+            read, n, r = self.read, len(self.read), 0
+            part = self.data.part_of()
+            while r < n:
                 with self.cond:
                     while not self.stopped and (r - self.taken >= self.capacity or
                                                 (self.slots is not None and not self.free)):
                         self.cond.wait()
                     if self.stopped:
                         return
-                    slot = self.free.pop() if self.slots is not None else None
-                x = self.data.item(i)  # [T, D] float16, read outside the lock
-                if slot is not None:
-                    self.slots[slot] = x.numpy()
+                    room = self.capacity - (r - self.taken)
+                    room = min(room, len(self.free)) if self.slots is not None else room
+                    m = 1  # the next videos of the same part, as many as there is room for: one read
+                    while m < room and r + m < n and part[read[r + m]] == part[read[r]]:
+                        m += 1
+                    slots = [self.free.pop() for _ in range(m)] if self.slots is not None else None
+                run = read[r:r + m]
+                xs = self.data.items(run)  # read outside the lock
+                if slots is not None:
+                    for slot, x in zip(slots, xs):
+                        self.slots[slot] = x
                 with self.cond:
-                    self.held[i] = x if slot is None else slot
+                    for k, i in enumerate(run):
+                        self.held[i] = slots[k] if slots is not None else torch.from_numpy(xs[k])
                     self.data.held_max = max(self.data.held_max, len(self.held))
                     self.cond.notify_all()
-        except BaseException as e:  # handed to the consumer, raised there
+                r += m
+        except Exception as e:  # noqa: BLE001 - any read error is handed to the consumer and raised there
             with self.cond:
                 self.error = e
                 self.cond.notify_all()
@@ -443,12 +475,12 @@ def iter_batches(data: VideoFeatures, batch_size: int, shuffle: bool = False,
     """Batches ``(x, mask, y)`` over ``data``; shuffled with ``generator`` (seeded) when asked.
 
     A set held in memory is shuffled as a whole (``torch.randperm``). A streamed set is read in a background
-    thread: shuffled, in ``buffered_order`` through ``data.shuffle_buffer`` videos; in order (evaluation), two
-    batches ahead (no more than the buffer).
+    thread: shuffled, in ``buffered_order`` through ``data.shuffle_buffer`` videos; in order (evaluation), one
+    batch ahead (no more than the buffer).
     ``drop_single`` drops a final batch of one video in training, where batch normalisation cannot run.
     """
     n = len(data)
-    if data.in_memory or n == 0:
+    if getattr(data, "in_memory", True) or n == 0:  # (any object with ``batch``: as in memory)
         order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
         for a in range(0, n, batch_size):
             index = order[a:a + batch_size]
@@ -461,7 +493,7 @@ def iter_batches(data: VideoFeatures, batch_size: int, shuffle: bool = False,
         reader = _Reader(data, read, data.shuffle_buffer, batch_size)
     else:
         order = list(range(n))
-        reader = _Reader(data, order, min(2 * batch_size, data.shuffle_buffer), batch_size)
+        reader = _Reader(data, order, min(batch_size, data.shuffle_buffer), batch_size)
     try:
         for a in range(0, n, batch_size):
             index = order[a:a + batch_size]

@@ -14,8 +14,8 @@ import torch
 
 import pipeline.heads  # noqa: F401  (registers the heads)
 from pipeline.errors import UserError
-from pipeline.registry import HEADS
 from pipeline.features import MIN_SHUFFLE_BUFFER, VideoFeatures, buffered_order, iter_batches
+from pipeline.registry import HEADS
 from pipeline.store import FeatureStore
 from pipeline.training import fit, predict, resolve_configs
 
@@ -101,7 +101,8 @@ def test_streamed_evaluation_keeps_order_and_the_reader_stops(store):
 
 def test_a_read_error_in_the_background_reaches_the_caller():
     class Store:
-        streams = {"rgb": 2}
+        def __init__(self):
+            self.streams = {"rgb": 2}
 
         def get(self, video_id, stream):
             x = np.ones((3, 2), np.float16)

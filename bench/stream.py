@@ -1,8 +1,9 @@
 """Training over a store larger than memory: ts-lstm streamed from the parts with a fixed budget, as the store grows.
 
 Writes synthetic stores (``--videos`` sizes, each video 25 frames x ``--dim`` float16 features, classes told apart
-by a class-specific direction hidden in noise; 60% train, 20% validation, 20% test), then trains ``ts-lstm``, each
-run in a fresh Python process, one thread:
+by a class-specific direction of length ``--signal`` hidden in unit noise; written class by class in parts of 64
+videos, as an extraction of a manifest sorted by class writes them; 60% train, 20% validation, 20% test), then trains
+``ts-lstm``, each run in a fresh Python process, one thread:
 
 - on the smallest store, with the default recipe, twice: features in memory, and streamed with ``memory_gb`` of
   ``--budget-mib`` (a store that fits both ways: the test accuracy of each);

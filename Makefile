@@ -96,7 +96,7 @@ bench-gpu: | $(BIN)/twostream
 readme-numbers: | $(BIN)/twostream
 	PYTHONPATH=. $(BIN)/python bench/faults.py --out bench/results/faults.md
 	PYTHONPATH=. $(BIN)/python bench/scale.py --sizes 10000,100000,1000000 --out bench/results/scale.md
-	PYTHONPATH=. $(BIN)/python bench/stream.py --videos 8000 --out bench/results/stream.md
+	PYTHONPATH=. $(BIN)/python bench/stream.py --out bench/results/stream.md
 	PYTHONPATH=. $(BIN)/python bench/predict.py --flow dis,tvl1,tvl1-opencv --out bench/results/predict.md
 
 lint: | $(BIN)/twostream

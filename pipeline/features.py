@@ -9,15 +9,20 @@ stream) to a batch ``x [B, T, D]`` with a validity ``mask [B, T]`` and labels ``
 - ``sample_frames``: fixed-T sampling, 25 equally spaced frames per video (Ma et al. Section 3.3 "Testing",
   after Simonyan and Zisserman), or every stored frame (variable length, padded and masked per batch);
 - ``VideoFeatures``: a torch ``Dataset`` held in memory as float16 when it fits the memory budget, streamed
-  from the HDF5 store one video at a time when it does not; streams (``rgb``, ``flow``) are concatenated per
-  frame in the order given, and ``stream_dims`` tells the head where one ends.
+  from the HDF5 store when it does not; streams (``rgb``, ``flow``) are concatenated per frame in the order given,
+  and ``stream_dims`` tells the head where one ends;
+- ``buffered_order``: the order a streamed training set is read and batched in: its parts in a shuffled order,
+  each read front to back, through a shuffle buffer of a fixed number of videos (``iter_batches`` reads ahead in
+  a background thread), so memory stays bounded whatever the store's size and a seed fixes the batches.
 
 Labels live in the manifest and never in the store, so one extraction serves every split.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -27,8 +32,12 @@ import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["FUSION_FOLD_SEED", "VideoFeatures", "carve_fusion_fold", "carve_validation", "check_frames", "collate",
-           "describe_sampling", "iter_batches", "join", "sample_frames", "video_level"]
+__all__ = ["FUSION_FOLD_SEED", "MIN_SHUFFLE_BUFFER", "VideoFeatures", "buffered_order", "carve_fusion_fold",
+           "carve_validation", "check_frames", "collate", "describe_sampling", "features_nbytes", "iter_batches", "join",
+           "sample_frames", "video_level"]
+
+MIN_SHUFFLE_BUFFER = 256  # videos: the least a streamed training set shuffles among, whatever the budget
+LOAD_CHUNK_BYTES = 16 * 2**20  # what loading into memory reads at once (on top of the set itself)
 
 
 def sample_frames(n_stored: int, frames: int) -> np.ndarray:
@@ -203,13 +212,17 @@ class VideoFeatures(torch.utils.data.Dataset):
     ``labels``: class indices [N] (single-label data), or for multi-label data an indicator matrix [N, C] (held as
     float32, so a batch's ``y`` is the [B, C] target of a per-class sigmoid loss).
 
-    ``in_memory=None`` decides by ``memory_gb``: the float16 bytes of the sampled frames must fit, else each
-    item is read from the store when asked (h5py reads one video's slice of a part). Fixed-T data in memory is
-    one ``[N, T, D]`` array, so a batch is a single index operation.
+    ``in_memory=None`` decides by ``memory_gb``: the float16 bytes of the sampled frames must fit, else the set
+    is streamed from the store. Fixed-T data in memory is one ``[N, T, D]`` array, so a batch is a single index
+    operation. A streamed set is read by ``iter_batches`` in a background thread: in training through a shuffle
+    buffer of ``shuffle_buffer`` videos (default: as many as ``memory_gb`` holds, at least
+    ``MIN_SHUFFLE_BUFFER``), in evaluation in order, one batch ahead; ``held_max`` records the most videos read
+    and not yet batched at once (the batch being gathered adds one batch).
     """
 
     def __init__(self, store, ids: Sequence[str], labels: Sequence[int], streams: Sequence[str], frames: int = 25,
-                 memory_gb: float = 4.0, in_memory: bool | None = None, chunk: int = 1024):
+                 memory_gb: float = 4.0, in_memory: bool | None = None, chunk: int | None = None,
+                 shuffle_buffer: int | None = None):
         if not streams:
             raise UserError("choose at least one stream")
         dims = store.streams
@@ -224,9 +237,18 @@ class VideoFeatures(torch.utils.data.Dataset):
         n_frames = [self.frames] * len(self.ids) if self.frames > 0 else _n_stored(store, self.ids)
         self.nbytes = int(sum(n_frames)) * self.dim * 2  # float16
         self.in_memory = self.nbytes <= memory_gb * 2**30 if in_memory is None else in_memory
+        video_bytes = max(self.nbytes / max(len(self.ids), 1), 1.0)  # mean float16 bytes of one video
+        if shuffle_buffer is not None and shuffle_buffer < 1:
+            raise ValueError("shuffle_buffer must hold at least one video")
+        fits = memory_gb * 2**30 // video_bytes if math.isfinite(memory_gb) else len(self.ids)  # videos
+        self.shuffle_buffer = int(shuffle_buffer or max(MIN_SHUFFLE_BUFFER, fits))
+        self.held_max = 0
+        self._groups: list[list[int]] | None = None
+        self._part: np.ndarray | None = None
         self._data: np.ndarray | list[torch.Tensor] | None = None
         if self.in_memory:
-            self._data = self._load_all(chunk)
+            self._data = self._load_all(chunk or max(1, int(LOAD_CHUNK_BYTES // video_bytes)))
+            _release_free_memory()
 
     def _read(self, stream: str, ids: Sequence[str]) -> list[np.ndarray]:
         arrays = self.store.load(stream, ids) if hasattr(self.store, "load") else [self.store.get(v, stream) for v in ids]
@@ -270,6 +292,36 @@ class VideoFeatures(torch.utils.data.Dataset):
             x = x[sample_frames(len(x), self.frames)]
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
+    def items(self, index: Sequence[int]) -> list[np.ndarray]:
+        """Features of the videos ``index``, each [T, D] float16 (its own array), read together: the videos of one
+        part in one read where most of the part is wanted (``FeatureStore.load``)."""
+        ids = [self.ids[i] for i in index]
+        out = []
+        for arrs in zip(*(self._read(s, ids) for s in self.streams)):
+            x = np.concatenate(arrs, axis=1, dtype=np.float16)  # a copy: never a view of a part's block
+            out.append(x[sample_frames(len(x), self.frames)] if self.frames > 0 else x)
+        return out
+
+    def part_of(self) -> np.ndarray:
+        """[N] the part that stores each video (all 0 for a store without ``positions``)."""
+        self.part_groups()
+        return self._part
+
+    def part_groups(self) -> list[list[int]]:
+        """Indices of the set's videos grouped by the part that stores them, each group in stored order (a store
+        without ``positions`` is one group in the set's order)."""
+        if self._groups is None:
+            if not hasattr(self.store, "positions") or not self.ids:
+                self._groups = [list(range(len(self.ids)))]
+                self._part = np.zeros(len(self.ids), np.int64)
+            else:
+                pos = self.store.positions(self.ids)  # [N, 2] (part, first row)
+                order = np.lexsort((pos[:, 1], pos[:, 0]))
+                cuts = np.flatnonzero(np.diff(pos[order, 0])) + 1
+                self._groups = [g.tolist() for g in np.split(order, cuts)]
+                self._part = pos[:, 0]
+        return self._groups
+
     @property
     def multi_label(self) -> bool:
         return self.labels.ndim == 2
@@ -305,19 +357,153 @@ def collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, to
     return out, mask, ys
 
 
+def buffered_order(groups: Sequence[Sequence[int]], buffer: int,
+                   generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
+    """(read order, batch order) of one streamed epoch over videos grouped by the part that stores them.
+
+    The parts are read in a shuffled order, each front to back (sequential reads); the videos pass through a
+    shuffle buffer of ``buffer`` videos: once it is full, each video read takes the place of one drawn uniformly
+    from the buffer, which goes to the batches; the last ``buffer`` leave in a shuffled order. Video ``k`` of
+    the batch order is therefore among the first ``buffer + k`` read, so a reader that keeps at most ``buffer``
+    videos read and not yet batched never waits on itself. Everything is drawn from ``generator``: the same seed
+    gives the same batches. When the buffer holds the whole set the batch order is ``torch.randperm(n)``, that of a
+    set held in memory, so the two train on the same batches.
+    """
+    n = sum(len(g) for g in groups)
+    if buffer >= n:
+        return [i for g in groups for i in g], torch.randperm(n, generator=generator).tolist()
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    read = [i for k in rng.permutation(len(groups)).tolist() for i in groups[k]]
+    held, out = read[:buffer], []
+    for incoming, j in zip(read[buffer:], rng.integers(0, buffer, size=n - buffer).tolist()):
+        out.append(held[j])
+        held[j] = incoming
+    rng.shuffle(held)
+    return read, out + held
+
+
+class _Reader:
+    """Reads the videos ``read`` in that order in a background thread, holding at most ``capacity`` videos read and
+    not yet taken; ``take(index)`` waits for those videos and returns them as a batch. Consecutive videos of one
+    part are read together (``VideoFeatures.items``: one h5py read instead of one per video, about 6x faster per
+    video), as many as there is room for. Reading (h5py, numpy) overlaps the training step, which releases the GIL
+    in torch's kernels.
+
+    Fixed-T videos are copied into ``capacity`` slots of one float16 array allocated once, so the memory held is
+    that array whatever the store's size (per-video arrays freed by another thread than the one that allocated
+    them would leave the heap fragmented); variable-length videos are held as they are read.
+    """
+
+    def __init__(self, data: VideoFeatures, read: Sequence[int], capacity: int, batch_size: int):
+        _pin_mmap_threshold()
+        self.data, self.read, self.capacity = data, read, max(int(capacity), 1)
+        n_slots = self.capacity + batch_size  # the buffer, and the batch being gathered
+        fixed = data.frames > 0
+        self.slots = np.empty((n_slots, data.frames, data.dim), np.float16) if fixed else None
+        self.free = list(range(n_slots))
+        self.held: dict[int, int | torch.Tensor] = {}  # video -> slot (fixed T) or its tensor
+        self.taken, self.error, self.stopped = 0, None, False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="twostream-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            read, n, r = self.read, len(self.read), 0
+            part = self.data.part_of()
+            while r < n:
+                with self.cond:
+                    while not self.stopped and (r - self.taken >= self.capacity or
+                                                (self.slots is not None and not self.free)):
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                    room = self.capacity - (r - self.taken)
+                    room = min(room, len(self.free)) if self.slots is not None else room
+                    m = 1  # the next videos of the same part, as many as there is room for: one read
+                    while m < room and r + m < n and part[read[r + m]] == part[read[r]]:
+                        m += 1
+                    slots = [self.free.pop() for _ in range(m)] if self.slots is not None else None
+                run = read[r:r + m]
+                xs = self.data.items(run)  # read outside the lock
+                if slots is not None:
+                    for slot, x in zip(slots, xs):
+                        self.slots[slot] = x
+                with self.cond:
+                    for k, i in enumerate(run):
+                        self.held[i] = slots[k] if slots is not None else torch.from_numpy(xs[k])
+                    self.data.held_max = max(self.data.held_max, len(self.held))
+                    self.cond.notify_all()
+                r += m
+        except Exception as e:  # noqa: BLE001 - any read error is handed to the consumer and raised there
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def take(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x [B, T, D] float16, mask [B, T] or None)`` of the videos ``index``, taken one by one as they are
+        read (each frees a place in the buffer for the next read)."""
+        got = []
+        with self.cond:
+            for i in index:
+                while i not in self.held:
+                    if self.error is not None:
+                        raise self.error
+                    if not self.thread.is_alive():
+                        raise RuntimeError(f"the background reader stopped before video {i}")
+                    self.cond.wait(timeout=1.0)
+                got.append(self.held.pop(i))
+                self.taken += 1
+                self.cond.notify_all()
+        if self.slots is None:
+            return collate([(t, 0) for t in got])[:2]
+        x = torch.from_numpy(self.slots[got])  # one gather [B, T, D]; then the slots can be reused
+        with self.cond:
+            self.free += got
+            self.cond.notify_all()
+        return x, None
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join()
+        self.held.clear()
+
+
 def iter_batches(data: VideoFeatures, batch_size: int, shuffle: bool = False,
                  generator: torch.Generator | None = None, drop_single: bool = False) -> Iterator:
     """Batches ``(x, mask, y)`` over ``data``; shuffled with ``generator`` (seeded) when asked.
 
+    A set held in memory is shuffled as a whole (``torch.randperm``). A streamed set is read in a background
+    thread: shuffled, in ``buffered_order`` through ``data.shuffle_buffer`` videos; in order (evaluation), one
+    batch ahead (no more than the buffer).
     ``drop_single`` drops a final batch of one video in training, where batch normalisation cannot run.
     """
     n = len(data)
-    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    for a in range(0, n, batch_size):
-        index = order[a:a + batch_size]
-        if drop_single and len(index) == 1 and n > 1:
-            return
-        yield data.batch(index)
+    if getattr(data, "in_memory", True) or n == 0:  # (any object with ``batch``: as in memory)
+        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+        for a in range(0, n, batch_size):
+            index = order[a:a + batch_size]
+            if drop_single and len(index) == 1 and n > 1:
+                return
+            yield data.batch(index)
+        return
+    if shuffle:
+        read, order = buffered_order(data.part_groups(), data.shuffle_buffer, generator)
+        reader = _Reader(data, read, data.shuffle_buffer, batch_size)
+    else:
+        order = list(range(n))
+        reader = _Reader(data, order, min(batch_size, data.shuffle_buffer), batch_size)
+    try:
+        for a in range(0, n, batch_size):
+            index = order[a:a + batch_size]
+            if drop_single and len(index) == 1 and n > 1:
+                return
+            x, mask = reader.take(index)
+            yield x, mask, torch.from_numpy(data.labels[index])
+    finally:
+        reader.close()
 
 
 def video_level(data: VideoFeatures, batch_size: int = 256) -> np.ndarray:
@@ -335,6 +521,46 @@ def video_level(data: VideoFeatures, batch_size: int = 256) -> np.ndarray:
             v = (x * m).sum(1) / m.sum(1).clamp_min(1)  # [B, D]
         out[a:a + len(v)] = v.numpy()
     return out
+
+
+def features_nbytes(store, ids: Sequence[str], streams: Sequence[str], frames: int) -> int:
+    """float16 bytes of the sampled frames of ``ids`` over ``streams`` (read from the index, no data): what a
+    ``VideoFeatures`` of them would hold in memory, compared against ``memory_gb``."""
+    dim = sum(int(store.streams.get(s, 0)) for s in streams)
+    n_frames = frames * len(ids) if frames > 0 else sum(_n_stored(store, ids))
+    return int(n_frames) * dim * 2
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 * 2**20
+_mmap_pinned = False
+
+
+def _pin_mmap_threshold(nbytes: int | None = None) -> None:
+    """Fix glibc's mmap threshold (``MMAP_THRESHOLD``) for the rest of the process, once, when a set is first
+    streamed. Left dynamic, glibc raises the threshold to the size of each large block freed (up to 32 MiB), after
+    which the part blocks, buffers and batches a streamed epoch allocates and frees come from the heap and fragment
+    it: over one pass of 32,000 videos (bench/stream.py's store at 256 dims) the peak RSS was 52 MiB higher and still
+    rising at the end; fixed at 4 MiB it is flat after the first 150 steps. (At glibc's default 128 KiB it is 35 MiB
+    lower still, but torch's own tensors are then mapped and unmapped at every step: training about 40% slower.)
+    Elsewhere than glibc, nothing."""
+    global _mmap_pinned
+    if _mmap_pinned:
+        return
+    _mmap_pinned = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes or MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the system after a bulk load (glibc's ``malloc_trim``; elsewhere
+    nothing): the load's temporary blocks are freed into the heap, where they would stay counted in the RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def memory_estimate_gb(n_videos: int, frames: int, dim: int) -> float:

@@ -43,6 +43,7 @@ import re
 import secrets
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -524,6 +525,7 @@ class FeatureStore:
             r = self._rows[k]
             self.duplicates[index.ids[r].decode()] = [index.parts[j] for j in index.part[r:r + counts[k]]]
         self._files: dict[int, h5py.File] = {}
+        self._lock = threading.RLock()  # a background reader (streamed training) and the main thread share the files
         self._fingerprint: str | None = index.fingerprint
 
     # -- opening ---------------------------------------------------------------------------------------
@@ -623,6 +625,11 @@ class FeatureStore:
         for vid, r in zip(self.ids(), self._rows.tolist()):
             yield vid, (int(idx.part[r]), int(idx.start[r]), int(idx.stop[r]))
 
+    def positions(self, ids: Iterable[str]) -> np.ndarray:
+        """[N, 2] int64: (part number as in ``parts``, first row in it) of each video, from the index (no data read):
+        sorting by it gives the order of sequential reads."""
+        return np.array([self._locate(v)[:2] for v in ids], dtype=np.int64).reshape(-1, 2)
+
     def lengths(self, ids: Iterable[str]) -> list[int]:
         """Stored frames T of each video (from the index: no data read)."""
         return [b - a for _, a, b in (self._locate(v) for v in ids)]
@@ -688,7 +695,8 @@ class FeatureStore:
         """Features of one video: ``[T, D]`` float16 (spatial maps flattened; see ``frame_shape``)."""
         self._check_stream(stream)
         part, a, b = self._locate(video_id)
-        arr = self._read(part, self._file(part)["streams"][stream], a, b)
+        with self._lock:
+            arr = self._read(part, self._file(part)["streams"][stream], a, b)
         return arr.reshape(b - a, -1)
 
     def meta(self, video_id: str) -> dict[str, Any]:
@@ -715,6 +723,11 @@ class FeatureStore:
         for k, (part, _, _) in enumerate(locs):
             by_part.setdefault(part, []).append(k)
         out: list[np.ndarray | None] = [None] * len(ids)
+        with self._lock:
+            self._load_parts(stream, by_part, locs, out)
+        return out  # type: ignore[return-value]
+
+    def _load_parts(self, stream: str, by_part: dict[int, list[int]], locs: list, out: list) -> None:
         for part, ks in by_part.items():
             ds = self._file(part)["streams"][stream]
             rows = sum(locs[k][2] - locs[k][1] for k in ks)
@@ -725,7 +738,6 @@ class FeatureStore:
             else:
                 for k in ks:
                     out[k] = self._read(part, ds, locs[k][1], locs[k][2]).reshape(locs[k][2] - locs[k][1], -1)
-        return out  # type: ignore[return-value]
 
     def info(self) -> dict[str, Any]:
         errors = self.errors()
@@ -746,9 +758,10 @@ class FeatureStore:
         }
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
         self._idx.close()
 
     def __enter__(self):

@@ -44,6 +44,7 @@ from pipeline.features import (
     carve_fusion_fold,
     carve_validation,
     check_frames,
+    features_nbytes,
     iter_batches,
     join,
 )
@@ -260,11 +261,14 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     for note in notes:
         echo(f"warning: {note}")
 
-    def features(items):
+    def features(items, in_memory=None):
         return VideoFeatures(store, [it.id for it in items], labels_of(items, manifest), streams,
-                             frames=cfg.frames, memory_gb=cfg.memory_gb)
+                             frames=cfg.frames, memory_gb=cfg.memory_gb, in_memory=in_memory)
 
-    train_set, val_set = features(train_items), features(val_items)
+    # Training and validation sets are held at once: one budget for both, else both are streamed.
+    both = features_nbytes(store, [it.id for it in train_items + val_items], streams, cfg.frames)
+    together = both <= cfg.memory_gb * 2**30
+    train_set, val_set = features(train_items, together), features(val_items, together)
     classes, device = manifest.classes, resolve_device(job.device)
     if len(streams) > 1:
         echo(EARLY_FUSION_NOTE)
@@ -313,12 +317,17 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
     val_scores = score(val_set) if len(val_set) else np.zeros((0, len(classes)), np.float32)
     _check_finite(val_scores, "validation", cfg)
     del train_set
-    fusion_set = features(fusion_items)  # held out by every run of the split: score fusion's weights (stages.fuse)
+    # The fusion fold and the test split are held at once, with the validation set: within the same budget.
+    held = val_set.nbytes if val_set.in_memory else 0
+    later = held + features_nbytes(store, [it.id for it in fusion_items + test_items], streams, cfg.frames)
+    later_in_memory = later <= cfg.memory_gb * 2**30
+    # The fusion fold is held out by every run of the split: score fusion's weights (stages.fuse).
+    fusion_set = features(fusion_items, later_in_memory)
     fusion_scores = score(fusion_set) if len(fusion_set) else np.zeros((0, len(classes)), np.float32)
     _check_finite(fusion_scores, "fusion-fold", cfg)
 
     # -- the test split is read only now, for the final evaluation
-    test_set = features(test_items)
+    test_set = features(test_items, later_in_memory)
     test_scores = score(test_set)
     _check_finite(test_scores, "test", cfg)
     metrics = classification_report(test_scores, test_set.labels, classes)

@@ -587,8 +587,9 @@ def test_cli_find_lr_writes_plot_and_applies_the_rate(dataset, tmp_path):
 
 
 def test_streamed_training_equals_in_memory_training(dataset, tmp_path):
-    """A training set over the memory budget (``memory_gb``) is read from the store video by video; the same seed
-    gives the same batches, so the run's scores are those of in-memory training."""
+    """A training set over the memory budget (``memory_gb``) is streamed from the store, through a shuffle buffer
+    that here holds it whole (at least ``MIN_SHUFFLE_BUFFER`` videos): the same seed gives the batches of training in
+    memory, so the run's scores are those of in-memory training."""
     import stages.train as st
 
     root, store_path = dataset

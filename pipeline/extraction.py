@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,10 +26,12 @@ from pipeline.sampling import Sampling, sample_indices
 
 __all__ = [
     "ExtractConfig",
+    "FlowImages",
     "Stream",
     "build_streams",
     "embed",
     "extraction_record",
+    "flow_images_for",
     "flow_stacks_for",
     "flow_task",
     "prepare_video",
@@ -112,7 +114,7 @@ def prepare_video(task: dict) -> dict:
     out: dict[str, Any] = {"rgb": frames[idx] if "rgb" in task["streams"] else None}
     t1 = time.perf_counter()
     if task["flow"]:
-        out["flow"] = flow_stacks_for(frames, idx, task["flow"])
+        out["flow"] = flow_images_for(frames, idx, task["flow"])  # FlowImages: stacks unassembled
     t2 = time.perf_counter()
     out["meta"] = {"frame_indices": idx, "fps": dec.fps, "n_frames": dec.n_frames,
                    "duration": dec.n_frames / dec.fps, "size": os.path.getsize(path), "sha256": file_sha256(path),
@@ -121,16 +123,34 @@ def prepare_video(task: dict) -> dict:
     return out
 
 
+class FlowImages(NamedTuple):
+    """A video's flow stacks, unassembled: the distinct uint8 flow images ``[P, 2, H, W]`` and the image of each
+    slot of each stack ``rows [T, L]`` (``np.asarray`` gives the assembled stacks ``[T, 2L, H, W]``). A fifth of
+    the stacks' bytes on the demo, and ``embed`` preprocesses each image once (``flow_stack_views``)."""
+
+    images: np.ndarray
+    rows: np.ndarray
+
+    def __array__(self, dtype=None, copy=None):
+        stacks = self.images[self.rows.reshape(-1)].reshape(len(self.rows), -1, *self.images.shape[2:])
+        return stacks if dtype is None else stacks.astype(dtype)
+
+
 def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
     """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
     consecutive pair is computed once even when stacks overlap."""
+    return np.asarray(flow_images_for(frames, idx, flow))
+
+
+def flow_images_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> FlowImages:
+    """The flow stacks of ``flow_stacks_for`` as ``FlowImages``: each needed consecutive pair's flow image once."""
     from pipeline.flow import compute_flow
     from pipeline.flow.images import flow_to_images
-    from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks
+    from pipeline.flow.stacks import pairs_for_stacks, stack_pair_indices
 
     L = flow["stack"]
     if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
-        return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
+        return FlowImages(np.full((1, 2, *frames.shape[1:3]), 128, np.uint8), np.zeros((len(idx), L), np.int64))
     pairs = pairs_for_stacks(len(frames), idx, L)
     a = np.array([p for p, _ in pairs])
     need = np.unique(np.concatenate([a, a + 1]))  # grey only the frames some pair uses (a long video holds many more)
@@ -139,7 +159,9 @@ def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarr
     fields = compute_flow(gray[first], gray[second], method=flow["method"], device=flow["device"],
                           kernel=flow.get("kernel", "auto"), **flow["params"])
     images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
-    return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
+    # pairs are the distinct first frames in order: a stack slot's pair start -> its row by binary search
+    rows = np.searchsorted(a, stack_pair_indices(len(frames), idx, L))  # [T,L]
+    return FlowImages(np.ascontiguousarray(images), rows.astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ main side
@@ -207,12 +229,15 @@ def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str, device
 
 
 def embed(stream: Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, float]) -> dict[str, np.ndarray]:
-    from pipeline.preprocess import preprocess, view_flips
+    from pipeline.preprocess import flow_stack_views, preprocess, view_flips
 
     t0 = time.perf_counter()
-    if stream.name == "flow":
-        arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
-    views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
+    if isinstance(arr, FlowImages):  # each flow image preprocessed once, then the stacks gathered
+        views = flow_stack_views(arr.images, arr.rows, stream.backbone.spec, stream.tta)  # -> [T,V,2L,S,S]
+    else:
+        if stream.name == "flow":
+            arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
+        views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
     t1 = time.perf_counter()
     seconds["preprocess"] += t1 - t0
     out: dict[str, np.ndarray] = {}

@@ -7,6 +7,9 @@ path, so a video's features are the same whoever computes them:
   Ma et al. 3.1) returns uint8 frames and stacks; ``worker_init`` keeps each worker to one thread;
 - ``build_streams`` builds each stream's CNN (``pipeline.backbones``), seeded, rgb first, so random-weight test
   backbones are reproducible too; ``embed`` preprocesses (with the test-time views) and runs one stream's CNN;
+- ``extract_video`` (CPU runs with workers: the whole chain in a worker process, its CNNs built once by
+  ``cnn_worker_init`` with ``cores // workers`` threads), so each core runs a video's decode, flow, preprocessing
+  and CNNs while the others run theirs and the main process only writes;
 - ``store_config`` is what a store records of all this; ``streams_from_config`` and ``video_task`` rebuild the
   same CNNs and worker task from such a record (``predict`` on a new video).
 """
@@ -29,7 +32,9 @@ __all__ = [
     "FlowImages",
     "Stream",
     "build_streams",
+    "cnn_worker_init",
     "embed",
+    "extract_video",
     "extraction_record",
     "flow_images_for",
     "flow_stacks_for",
@@ -40,6 +45,7 @@ __all__ = [
     "streams_from_config",
     "video_task",
     "worker_init",
+    "worker_threads",
 ]
 
 
@@ -260,6 +266,54 @@ def embed(stream: Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, f
     if grid is not None:
         out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
     seconds["cnn"] += time.perf_counter() - t1
+    return out
+
+
+# ------------------------------------------------------------------------------- the whole chain in a worker
+
+_WORKER_STREAMS: tuple[list[Stream], int] | None = None  # a CNN worker's (streams, batch size)
+
+
+def worker_threads(workers: int) -> int:
+    """CNN threads per worker process: the cores this process may use, shared out (processes x threads = cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def cnn_worker_init(cfg: ExtractConfig, threads: int, batch_size: int) -> None:
+    """A worker of ``extract_video``: one thread for decoding and flow, ``threads`` for the CNNs, and the stream
+    CNNs built once, seeded as the main process builds them (the same weights, random test backbones included).
+    The features do not depend on the thread count here (checked on EfficientNet-Lite0 fp32, 1 vs 2 threads)."""
+    import torch
+
+    worker_init()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    global _WORKER_STREAMS
+    _WORKER_STREAMS = (build_streams(cfg, "cpu"), batch_size)
+
+
+def extract_video(task: dict) -> dict:
+    """Runs in a worker set up by ``cnn_worker_init``: ``prepare_video``, then every stream's ``embed``. Returns
+    the float16 features (``feats``), ``meta`` and ``seconds``; a video the CNN cannot take comes back with
+    ``cnn_error`` (class name, message) instead of features, so the caller logs it as a CNN failure."""
+    if _WORKER_STREAMS is None:
+        raise RuntimeError("extract_video runs in a worker started with cnn_worker_init")
+    streams, batch_size = _WORKER_STREAMS
+    video = prepare_video(task)
+    seconds = {**video["seconds"], "preprocess": 0.0, "cnn": 0.0}
+    out: dict[str, Any] = {"meta": video["meta"], "seconds": seconds}
+    feats: dict[str, np.ndarray] = {}
+    try:
+        for s in streams:
+            feats.update(embed(s, video[s.name], batch_size, seconds))
+    except Exception as e:  # noqa: BLE001 - reported per video, as the in-process path does
+        out["cnn_error"] = (type(e).__name__, str(e))
+        return out
+    out["feats"] = feats
     return out
 
 

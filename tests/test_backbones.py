@@ -218,6 +218,18 @@ def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_b
         assert torch.equal(flow_stack_views(images, rows, spec, tta), want)
 
 
+def test_resize_values_do_not_depend_on_memory_layout():
+    """preprocess resizes planar (contiguous) frames; stores made when it resized channels-last ones keep their
+    features only if both give the same values, up- and downsampling, RGB and flow-stack channel counts."""
+    from pipeline.preprocess import resize_shorter, to_float_chw
+
+    rng = np.random.default_rng(0)
+    for h, w, c in ((120, 160, 3), (480, 640, 3), (100, 133, 20), (300, 400, 20)):
+        x = to_float_chw(rng.integers(0, 256, (2, h, w, c), dtype=np.uint8), c)  # channels-last memory
+        for mode in ("bicubic", "bilinear"):
+            assert torch.equal(resize_shorter(x, 256, mode), resize_shorter(x.contiguous(), 256, mode)), (h, w, c)
+
+
 def test_grayscale_and_odd_sizes(lite0):
     gray = np.arange(33 * 17, dtype=np.uint8).reshape(1, 33, 17)  # [N, H, W], 33x17
     out = preprocess(gray, lite0.spec, "center")

@@ -141,7 +141,7 @@ def advice(facts: dict[str, Any]) -> list[str]:
         out.append("no CUDA: extraction runs on the CPU, where TV-L1 flow (the default) takes about 1 s per "
                    "320x240 frame pair; `--flow dis` for a quick look, a GPU for the papers' flow at scale")
     cores = facts["usable_cores"]
-    if not facts["cuda"] and cores > 1:
+    if not facts["cuda"] and cores > 2:
         w = min(cores, 8)
         out.append(f"{cores} cores: `extract --workers {w}` runs {w} videos at once (decode, flow and the CNNs, "
                    f"{cores // w} CNN thread(s) each; the default is 1 worker)")

@@ -83,7 +83,7 @@ test-all: | $(BIN)/twostream
 	$(BIN)/python -m pytest -q
 
 bench: | $(BIN)/twostream
-	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/extract.py --per-video
 	$(BIN)/python bench/flow.py --quick
 	$(BIN)/python bench/train.py --quick
 
@@ -98,6 +98,7 @@ readme-numbers: | $(BIN)/twostream
 	PYTHONPATH=. $(BIN)/python bench/scale.py --sizes 10000,100000,1000000 --out bench/results/scale.md
 	PYTHONPATH=. $(BIN)/python bench/stream.py --out bench/results/stream.md
 	PYTHONPATH=. $(BIN)/python bench/predict.py --flow dis,tvl1,tvl1-opencv --out bench/results/predict.md
+	PYTHONPATH=. $(BIN)/python bench/extract.py --out bench/results/extract.md
 
 lint: | $(BIN)/twostream
 	$(BIN)/ruff check .

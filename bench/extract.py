@@ -1,15 +1,27 @@
-"""Where stage one spends its time: seconds per video split into decode, flow, preprocessing and CNN.
+"""`make extract` on the demo, timed idle and under load side by side: wall time, cores busy, where the time goes.
 
-    python bench/extract.py [--videos 6] [--streams rgb] [--flow tvl1] [--threads 2]
+    PYTHONPATH=. .venv/bin/python bench/extract.py --out bench/results/extract.md
+    PYTHONPATH=. .venv/bin/python bench/extract.py --per-video      # seconds per video of each step, in-process
 
-Runs the same code as ``twostream extract`` (``stages.extract.prepare_video`` and the stream CNNs) on
-(a) videos of the demo dataset and (b) a UCF101-like clip (320x240, 7 s at 25 fps), in-process, and prints a
-table. The decode column is compared against a raw read of the same file's bytes (the floor for any decoder).
+Writes the demo dataset (96 videos) to a temporary folder and runs ``twostream extract`` on it exactly as
+``make extract`` does (RGB + DIS flow, 25 frames, ``--workers 2``), in a fresh process, twice: on the machine as it is
+("idle") and with two busy-looping processes that this script starts beside it ("loaded", i.e. two other jobs on a
+2-core machine). For each it reports the wall time, the cores-busy fraction (CPU seconds of the extractor and every
+process it started, from ``os.wait4``, / wall seconds / cores) and the split of the extractor's own time between
+decoding, flow, preprocessing and the CNNs (``last_run.json``: each step's seconds summed over the processes that
+ran it, so with workers the steps overlap in time and the split is one of work, not of wall time). The 1-minute load average before each run is
+recorded: an "idle" figure taken with a load average over 0.5 shared the cores with other jobs.
+
+``--per-video`` is the older in-process breakdown (no workers, one video at a time) on demo videos and on a
+UCF101-like 320x240 clip.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from pipeline.datasets import load_manifest
 from pipeline.demo_data import write_demo_dataset
@@ -69,15 +82,7 @@ def bench(paths: list[Path], cfg: ExtractConfig, batch_size: int) -> dict[str, f
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=6, help="demo videos to time")
-    ap.add_argument("--streams", default="rgb")
-    ap.add_argument("--flow", default="tvl1")
-    ap.add_argument("--frames", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
+def per_video(args) -> None:
     torch.set_num_threads(args.threads)
     cfg = ExtractConfig(streams=tuple(args.streams.split(",")), sampling=Sampling("frames", args.frames),
                         flow_method=args.flow)
@@ -96,6 +101,103 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if not c.endswith("/s") else f"{r[c]:.1f}" for c in cols)
               + " |")
+
+
+# ------------------------------------------------------------------------------------- the whole demo
+
+BUSY = "while True:\n    pass\n"
+STEPS = ("decode", "flow", "preprocess", "cnn")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_extract(data: Path, store: Path, args) -> dict:
+    """One ``twostream extract`` in a fresh process: wall seconds, CPU seconds of it and its workers, its summary."""
+    cmd = [sys.executable, "-m", "cli.main", "extract", str(data), "--out", str(store), "--streams", args.streams,
+           "--flow", args.flow, "--frames", str(args.frames), "--workers", str(args.workers), "--quiet"]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # the extractor's and its (waited-for) workers' CPU time
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"extract failed ({proc.returncode}): {err.decode()[-2000:]}")
+    summary = json.loads((store / "last_run.json").read_text())
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "load": load, "summary": summary}
+
+
+def whole_demo(args) -> str:
+    n_cores = cores()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else write_demo_dataset(Path(tmp) / "demo")
+        n_videos = len(load_manifest(data).videos)
+        for cond in ("idle", "loaded"):
+            busy = []
+            if cond == "loaded":
+                busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
+                time.sleep(1.0)
+            try:
+                r = run_extract(data, Path(tmp) / f"store-{cond}", args)
+            finally:
+                for b in busy:
+                    b.kill()
+                    b.wait()
+            r["cond"] = cond if cond == "idle" else f"loaded ({args.busy} busy processes)"
+            rows.append(r)
+            time.sleep(2.0)
+    head = ["machine", "load avg at start", "wall (s)", "videos/s", "cores busy", "CPU s/video", *STEPS[:3], "CNN"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for r in rows:
+        s = r["summary"]
+        secs = {k: s["seconds"][k] for k in STEPS}
+        tot = sum(secs.values()) or 1.0
+        done = s["done"]
+        lines.append(f"| {r['cond']} | {r['load']:.2f} | {r['wall']:.0f} | {done / r['wall']:.2f} | "
+                     f"{r['cpu'] / r['wall'] / n_cores:.0%} | {r['cpu'] / max(done, 1):.2f} | "
+                     + " | ".join(f"{secs[k]:.0f} s ({secs[k] / tot:.0%})" for k in STEPS) + " |")
+    disturbed = rows[0]["load"] > 0.5
+    caption = (f"{n_videos if not args.limit else min(args.limit, n_videos)} demo videos, streams {args.streams}, "
+               f"flow {args.flow}, {args.frames} frames, --workers {args.workers}; {n_cores} cores, torch "
+               f"{torch.__version__}. Steps: seconds each step took inside the extractor's processes, summed over "
+               "processes (share of their sum)."
+               + (f" The idle run started at load average {rows[0]['load']:.2f} (> 0.5): other jobs shared the "
+                  "cores, so it is not a clean idle figure." if disturbed else ""))
+    return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-video", action="store_true", help="the in-process breakdown per video instead")
+    ap.add_argument("--data", default=None, help="a dataset folder instead of a fresh demo")
+    ap.add_argument("--limit", type=int, default=0, help="extract only the first N videos (0: all)")
+    ap.add_argument("--busy", type=int, default=2, help="busy-looping processes of the loaded run")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the table here (bench/results/extract.md)")
+    ap.add_argument("--videos", type=int, default=6, help="--per-video: demo videos to time")
+    ap.add_argument("--streams", default="rgb,flow")
+    ap.add_argument("--flow", default="dis")
+    ap.add_argument("--frames", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2, help="--per-video: CNN threads")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    if args.per_video:
+        per_video(args)
+        return
+    table = whole_demo(args)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def _flow_params(items):
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N].")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="CNN batch (views).")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Decode/flow processes beside the CNN (0: in-process); `twostream doctor` suggests a number.")
+              help="Processes, each running whole videos (decode, flow, CNNs with cores/workers threads; on "
+                   "CUDA decode/flow only); 0: in-process. `twostream doctor` suggests a number.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per video before it is failed.")
 @click.option("--limit", type=int, default=None, help="Extract at most this many videos (this run).")
 @click.option("--retry-failed", is_flag=True, help="Try only the videos in the errors file again.")

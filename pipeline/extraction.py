@@ -7,6 +7,9 @@ path, so a video's features are the same whoever computes them:
   Ma et al. 3.1) returns uint8 frames and stacks; ``worker_init`` keeps each worker to one thread;
 - ``build_streams`` builds each stream's CNN (``pipeline.backbones``), seeded, rgb first, so random-weight test
   backbones are reproducible too; ``embed`` preprocesses (with the test-time views) and runs one stream's CNN;
+- ``extract_video`` (CPU runs with workers: the whole chain in a worker process, its CNNs built once by
+  ``cnn_worker_init`` with ``cores // workers`` threads), so each core runs a video's decode, flow, preprocessing
+  and CNNs while the others run theirs and the main process only writes;
 - ``store_config`` is what a store records of all this; ``streams_from_config`` and ``video_task`` rebuild the
   same CNNs and worker task from such a record (``predict`` on a new video).
 """
@@ -17,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,10 +29,14 @@ from pipeline.sampling import Sampling, sample_indices
 
 __all__ = [
     "ExtractConfig",
+    "FlowImages",
     "Stream",
     "build_streams",
+    "cnn_worker_init",
     "embed",
+    "extract_video",
     "extraction_record",
+    "flow_images_for",
     "flow_stacks_for",
     "flow_task",
     "prepare_video",
@@ -38,6 +45,7 @@ __all__ = [
     "streams_from_config",
     "video_task",
     "worker_init",
+    "worker_threads",
 ]
 
 
@@ -112,7 +120,7 @@ def prepare_video(task: dict) -> dict:
     out: dict[str, Any] = {"rgb": frames[idx] if "rgb" in task["streams"] else None}
     t1 = time.perf_counter()
     if task["flow"]:
-        out["flow"] = flow_stacks_for(frames, idx, task["flow"])
+        out["flow"] = flow_images_for(frames, idx, task["flow"])  # FlowImages: stacks unassembled
     t2 = time.perf_counter()
     out["meta"] = {"frame_indices": idx, "fps": dec.fps, "n_frames": dec.n_frames,
                    "duration": dec.n_frames / dec.fps, "size": os.path.getsize(path), "sha256": file_sha256(path),
@@ -121,16 +129,34 @@ def prepare_video(task: dict) -> dict:
     return out
 
 
+class FlowImages(NamedTuple):
+    """A video's flow stacks, unassembled: the distinct uint8 flow images ``[P, 2, H, W]`` and the image of each
+    slot of each stack ``rows [T, L]`` (``np.asarray`` gives the assembled stacks ``[T, 2L, H, W]``). A fifth of
+    the stacks' bytes on the demo, and ``embed`` preprocesses each image once (``flow_stack_views``)."""
+
+    images: np.ndarray
+    rows: np.ndarray
+
+    def __array__(self, dtype=None, copy=None):
+        stacks = self.images[self.rows.reshape(-1)].reshape(len(self.rows), -1, *self.images.shape[2:])
+        return stacks if dtype is None else stacks.astype(dtype)
+
+
 def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarray:
     """uint8 stacks ``[T, 2L, H, W]`` of the L flow fields starting at each sampled position; each needed
     consecutive pair is computed once even when stacks overlap."""
+    return np.asarray(flow_images_for(frames, idx, flow))
+
+
+def flow_images_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> FlowImages:
+    """The flow stacks of ``flow_stacks_for`` as ``FlowImages``: each needed consecutive pair's flow image once."""
     from pipeline.flow import compute_flow
     from pipeline.flow.images import flow_to_images
-    from pipeline.flow.stacks import assemble_stacks, pairs_for_stacks
+    from pipeline.flow.stacks import pairs_for_stacks, stack_pair_indices
 
     L = flow["stack"]
     if len(frames) < 2:  # a still image has no motion: zero flow (128 in the uint8 encoding)
-        return np.full((len(idx), 2 * L, *frames.shape[1:3]), 128, np.uint8)
+        return FlowImages(np.full((1, 2, *frames.shape[1:3]), 128, np.uint8), np.zeros((len(idx), L), np.int64))
     pairs = pairs_for_stacks(len(frames), idx, L)
     a = np.array([p for p, _ in pairs])
     need = np.unique(np.concatenate([a, a + 1]))  # grey only the frames some pair uses (a long video holds many more)
@@ -139,7 +165,9 @@ def flow_stacks_for(frames: np.ndarray, idx: np.ndarray, flow: dict) -> np.ndarr
     fields = compute_flow(gray[first], gray[second], method=flow["method"], device=flow["device"],
                           kernel=flow.get("kernel", "auto"), **flow["params"])
     images = flow_to_images(np.asarray(fields), flow["bound"])  # [P,2,H,W] uint8
-    return assemble_stacks(images, pairs, len(frames), idx, L)  # [T,2L,H,W]
+    # pairs are the distinct first frames in order: a stack slot's pair start -> its row by binary search
+    rows = np.searchsorted(a, stack_pair_indices(len(frames), idx, L))  # [T,L]
+    return FlowImages(np.ascontiguousarray(images), rows.astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------ main side
@@ -207,12 +235,15 @@ def store_config(cfg: ExtractConfig, streams: list[Stream], decoder: str, device
 
 
 def embed(stream: Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, float]) -> dict[str, np.ndarray]:
-    from pipeline.preprocess import preprocess, view_flips
+    from pipeline.preprocess import flow_stack_views, preprocess, view_flips
 
     t0 = time.perf_counter()
-    if stream.name == "flow":
-        arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
-    views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
+    if isinstance(arr, FlowImages):  # each flow image preprocessed once, then the stacks gathered
+        views = flow_stack_views(arr.images, arr.rows, stream.backbone.spec, stream.tta)  # -> [T,V,2L,S,S]
+    else:
+        if stream.name == "flow":
+            arr = np.ascontiguousarray(arr.transpose(0, 2, 3, 1))  # [T,2L,H,W] -> [T,H,W,2L]
+        views = preprocess(arr, stream.backbone.spec, stream.tta)  # -> [T,V,C,S,S]
     t1 = time.perf_counter()
     seconds["preprocess"] += t1 - t0
     out: dict[str, np.ndarray] = {}
@@ -235,6 +266,54 @@ def embed(stream: Stream, arr: np.ndarray, batch_size: int, seconds: dict[str, f
     if grid is not None:
         out[f"{stream.name}_map"] = grid.numpy().astype(np.float16)  # [T,C,g,g]
     seconds["cnn"] += time.perf_counter() - t1
+    return out
+
+
+# ------------------------------------------------------------------------------- the whole chain in a worker
+
+_WORKER_STREAMS: tuple[list[Stream], int] | None = None  # a CNN worker's (streams, batch size)
+
+
+def worker_threads(workers: int) -> int:
+    """CNN threads per worker process: the cores this process may use, shared out (processes x threads = cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def cnn_worker_init(cfg: ExtractConfig, threads: int, batch_size: int) -> None:
+    """A worker of ``extract_video``: one thread for decoding and flow, ``threads`` for the CNNs, and the stream
+    CNNs built once, seeded as the main process builds them (the same weights, random test backbones included).
+    The features do not depend on the thread count here (checked on EfficientNet-Lite0 fp32, 1 vs 2 threads)."""
+    import torch
+
+    worker_init()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    global _WORKER_STREAMS
+    _WORKER_STREAMS = (build_streams(cfg, "cpu"), batch_size)
+
+
+def extract_video(task: dict) -> dict:
+    """Runs in a worker set up by ``cnn_worker_init``: ``prepare_video``, then every stream's ``embed``. Returns
+    the float16 features (``feats``), ``meta`` and ``seconds``; a video the CNN cannot take comes back with
+    ``cnn_error`` (class name, message) instead of features, so the caller logs it as a CNN failure."""
+    if _WORKER_STREAMS is None:
+        raise RuntimeError("extract_video runs in a worker started with cnn_worker_init")
+    streams, batch_size = _WORKER_STREAMS
+    video = prepare_video(task)
+    seconds = {**video["seconds"], "preprocess": 0.0, "cnn": 0.0}
+    out: dict[str, Any] = {"meta": video["meta"], "seconds": seconds}
+    feats: dict[str, np.ndarray] = {}
+    try:
+        for s in streams:
+            feats.update(embed(s, video[s.name], batch_size, seconds))
+    except Exception as e:  # noqa: BLE001 - reported per video, as the in-process path does
+        out["cnn_error"] = (type(e).__name__, str(e))
+        return out
+    out["feats"] = feats
     return out
 
 

@@ -9,6 +9,10 @@ Flow stacks (Simonyan & Zisserman; TSN; Ma et al. 3.1) arrive as uint8 flow imag
 channels interleaved ``(x_1, y_1, x_2, y_2, ...)`` and 128 meaning zero motion. Mirroring a flow field
 negates its horizontal component, which on uint8 images is ``x -> 255 - x`` (``1 - x`` after /255).
 
+Stacks share flow images (the stack at frame t and the one at t + 2 have L - 2 fields in common): ``flow_stack_views``
+preprocesses each distinct flow image once and gathers the stacks afterwards, the same values as ``preprocess`` of
+the stacks (every step is per pixel and channel), for about a fifth of the work on 25 stacks of 10 from 48 frames.
+
 Multiresolution (Karpathy et al. 2014, Section 3.2): ``foveated_views`` splits a full-resolution crop into a
 context view (the whole crop downsampled by 2) and a fovea view (the centre crop at full resolution, half the
 side); each view has a quarter of the pixels, so the pair costs about half a full-resolution pass.
@@ -26,6 +30,7 @@ __all__ = [
     "TTA_VIEWS",
     "center_crop",
     "five_crop",
+    "flow_stack_views",
     "foveated_views",
     "hflip",
     "normalize",
@@ -133,10 +138,41 @@ def preprocess(frames, spec: dict, tta: str = "center") -> torch.Tensor:
     ``in_chans``, ``modality``). A foveated backbone takes the same full-resolution crop and splits it itself.
     """
     in_chans = int(spec["in_chans"])
-    x = to_float_chw(frames, in_chans)  # [N,H,W,C] -> [N,C,H,W]
+    # contiguous: PyTorch's planar resize kernel is faster than its channels-last one, with the same values
+    x = to_float_chw(frames, in_chans).contiguous()  # [N,H,W,C] -> [N,C,H,W]
     x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [N,C,H,W] -> [N,C,R,R*w/h]
     x = tta_views(x, int(spec["input_size"]), tta, flow=spec.get("modality") == "flow")  # -> [N,V,C,S,S]
     return normalize(x, spec["mean"], spec["std"])
+
+
+def flow_stack_views(images, rows, spec: dict, tta: str = "center") -> torch.Tensor:
+    """Flow images ``[P, 2, H, W]`` uint8 and the stacks' rows ``[N, L]`` (stack n is images ``rows[n]``, channels
+    x, y of each in turn) -> normalised ``[N, V, 2L, S, S]``: bit for bit ``preprocess`` of the assembled stacks
+    ``[N, H, W, 2L]``, with each image scaled, resized, cropped, mirrored and normalised once."""
+    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else torch.as_tensor(images)
+    if x.dim() != 4 or x.shape[1] != 2:
+        raise ValueError(f"flow images must be [P, 2, H, W]; got shape {tuple(x.shape)}")
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)  # [N,L]
+    n, length = rows.shape
+    if 2 * length != int(spec["in_chans"]):
+        raise ValueError(f"stacks of {length} flow fields have {2 * length} channels, the backbone expects "
+                         f"{spec['in_chans']}")
+    x = x.float().div_(255.0).contiguous()  # [P,2,H,W] in [0,1], as to_float_chw
+    x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [P,2,R,R*w/h]
+    views = tta_views(x, int(spec["input_size"]), tta, flow=True)  # [P,V,2,S,S]
+    mean, std = list(spec["mean"]), list(spec["std"])
+    per_image = len(set(mean[0::2])) == 1 and len(set(mean[1::2])) == 1 and len(set(std[0::2])) == 1 \
+        and len(set(std[1::2])) == 1  # every x channel alike and every y channel alike: normalise each image once
+    if per_image:
+        views = normalize(views, mean[:2], std[:2])
+    p, v, _, s, _ = views.shape
+    out = torch.empty((n, v, 2 * length, s, s), dtype=views.dtype)  # [N,V,2L,S,S]
+    flat = rows.reshape(-1)  # [N*L]
+    if v == 1:  # straight into place: [P,2,S,S] -> [N*L,2,S,S] = [N,1,2L,S,S]
+        torch.index_select(views.view(p, 2, s, s), 0, flat, out=out.view(n * length, 2, s, s))
+    for i in range(v if v > 1 else 0):  # gather the stacks of view i: [N*L,2,S,S] -> [N,2L,S,S]
+        out[:, i] = views[:, i].index_select(0, flat).view(n, 2 * length, s, s)
+    return out if per_image else normalize(out, mean, std)
 
 
 def foveated_views(x: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,8 +142,9 @@ def advice(facts: dict[str, Any]) -> list[str]:
                    "320x240 frame pair; `--flow dis` for a quick look, a GPU for the papers' flow at scale")
     cores = facts["usable_cores"]
     if not facts["cuda"] and cores > 2:
-        out.append(f"{cores} cores: `extract --workers {min(cores - 1, 8)}` decodes and computes flow beside the CNN "
-                   "(the default is 1 worker)")
+        w = min(cores, 8)
+        out.append(f"{cores} cores: `extract --workers {w}` runs {w} videos at once (decode, flow and the CNNs, "
+                   f"{cores // w} CNN thread(s) each; the default is 1 worker)")
     if facts["torch_threads"] > cores:
         out.append(f"torch uses {facts['torch_threads']} threads on {cores} usable cores: set OMP_NUM_THREADS={cores}")
     load = facts.get("load")

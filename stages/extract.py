@@ -1,9 +1,11 @@
 """Stage one: videos -> per-frame CNN features in a feature store.
 
-Follow one video id: ``load_manifest`` gives its path; a worker process decodes it (``prepare_video`` of the
-shared extraction core ``pipeline.extraction``: decode, sample, flow stacks when asked), so a crashing or hanging
-decoder costs one video; the main process preprocesses the frames for each stream's CNN, runs it, and hands the
-float16 features to the store writer, which commits a part every few videos. Resumable: committed ids are skipped; failures go to errors.jsonl.
+Follow one video id: ``load_manifest`` gives its path; on the CPU a worker process runs the whole chain of the
+shared extraction core ``pipeline.extraction`` on it (``extract_video``: decode, sample, flow stacks when asked,
+preprocess, the stream CNNs with ``cores // workers`` threads), so the workers keep every core busy with a step of
+some video and a crashing or hanging decoder costs one video; the main process hands the float16 features to the
+store writer, which commits a part every few videos. On CUDA (or ``--workers 0``) the workers only decode and
+compute flow (``prepare_video``) and the main process runs the CNNs. Resumable: committed ids are skipped; failures go to errors.jsonl.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from pipeline.extraction import (  # noqa: F401  (the shared extraction core; na
     ExtractConfig,
     Stream,
     build_streams,
+    cnn_worker_init,
     embed,
+    extract_video,
     flow_stacks_for,
     prepare_video,
     resolve_device,
     store_config,
     worker_init,
+    worker_threads,
 )
 from pipeline.sampling import Sampling
 
@@ -267,6 +272,10 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
                          "flow": flow}) for v in todo)
         # CUDA work (NVDEC, GPU flow) stays in-process: a CUDA context per worker process is wasteful.
         workers = 0 if device.startswith("cuda") and (decoder == "torchcodec" or flow) else opts.workers
+        # On the CPU the workers run the CNNs too (processes x threads = cores); on CUDA the main process does.
+        fn, init, init_args = prepare_video, worker_init, ()
+        if workers > 0 and device == "cpu":
+            fn, init, init_args = extract_video, cnn_worker_init, (cfg, worker_threads(workers), opts.batch_size)
         bar, eta = warm_bar(len(todo), disable=not opts.progress)  # time left measured after the first video
 
         def step() -> None:
@@ -276,7 +285,7 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
             bar.set_postfix_str(f"left {eta.text()}, frames/s {frames_s}, failed {summary.failed}", refresh=False)
             bar.update(1)
 
-        for res in isolated_map(prepare_video, tasks, workers=workers, timeout=opts.timeout, init=worker_init):
+        for res in isolated_map(fn, tasks, workers=workers, timeout=opts.timeout, init=init, init_args=init_args):
             if not res.ok:
                 stage = "decode" if res.error in ("timeout",) or res.error.startswith("SIG") else "prepare"
                 writer.log_error(res.key, stage, res.error, res.message)
@@ -287,14 +296,18 @@ def _extract_locked(manifest, videos, writer_name, out: Path, cfg: ExtractConfig
             video = res.value
             for k, v in video["seconds"].items():
                 summary.seconds[k] += v
-            feats: dict[str, np.ndarray] = {}
-            try:
-                for s in streams:
-                    feats.update(embed(s, video[s.name], opts.batch_size, summary.seconds))
-            except Exception as e:  # noqa: BLE001 - a video the CNN cannot take is logged, the run goes on
-                writer.log_error(res.key, "cnn", type(e).__name__, str(e))
+            feats: dict[str, np.ndarray] = video.get("feats", {})
+            cnn_error = video.get("cnn_error")
+            if "feats" not in video and cnn_error is None:  # decoded here: the CNNs run in this process
+                try:
+                    for s in streams:
+                        feats.update(embed(s, video[s.name], opts.batch_size, summary.seconds))
+                except Exception as e:  # noqa: BLE001 - a video the CNN cannot take is logged, the run goes on
+                    cnn_error = (type(e).__name__, str(e))
+            if cnn_error is not None:
+                writer.log_error(res.key, "cnn", *cnn_error)
                 summary.failed += 1
-                summary.failures.append({"id": res.key, "error": type(e).__name__, "message": str(e)})
+                summary.failures.append({"id": res.key, "error": cnn_error[0], "message": cnn_error[1]})
                 step()
                 continue
             t0 = time.perf_counter()

@@ -198,6 +198,38 @@ def test_flow_flip_negates_x():
     assert torch.allclose(hflip(z, flow=True)[:, 0::2], torch.full((1, 2, 2, 2), 127 / 255))
 
 
+@pytest.mark.parametrize("tta", ["center", "flip", "10crop"])
+@pytest.mark.parametrize("mean", [[0.5] * 6, [0.4, 0.6] * 3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_bit(tta, mean):
+    """Overlapping stacks (L = 3, stacks at frames 0, 1, 3 of 6 pairs): each flow image preprocessed once and the
+    stacks gathered give exactly ``preprocess`` of the assembled stacks, up- and downsampled, any per-channel mean."""
+    from pipeline.extraction import FlowImages
+    from pipeline.preprocess import flow_stack_views
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 2, 12, 17), dtype=np.uint8)  # [P,2,H,W]
+    rows = np.array([[0, 1, 2], [1, 2, 3], [3, 4, 5]])  # [T,L]
+    stacks = np.asarray(FlowImages(images, rows))  # [T,2L,H,W]: x1, y1, x2, y2, x3, y3
+    assert np.array_equal(stacks[1, 2:4], images[2]) and stacks.shape == (3, 6, 12, 17)
+    for resize, size in ((20, 16), (8, 6)):
+        spec = dict(TINY, in_chans=6, modality="flow", resize=resize, input_size=size, interpolation="bicubic",
+                    mean=mean, std=[0.25] * 6)
+        want = preprocess(np.ascontiguousarray(stacks.transpose(0, 2, 3, 1)), spec, tta)  # [T,V,2L,S,S]
+        assert torch.equal(flow_stack_views(images, rows, spec, tta), want)
+
+
+def test_resize_values_do_not_depend_on_memory_layout():
+    """preprocess resizes planar (contiguous) frames; stores made when it resized channels-last ones keep their
+    features only if both give the same values, up- and downsampling, RGB and flow-stack channel counts."""
+    from pipeline.preprocess import resize_shorter, to_float_chw
+
+    rng = np.random.default_rng(0)
+    for h, w, c in ((120, 160, 3), (480, 640, 3), (100, 133, 20), (300, 400, 20)):
+        x = to_float_chw(rng.integers(0, 256, (2, h, w, c), dtype=np.uint8), c)  # channels-last memory
+        for mode in ("bicubic", "bilinear"):
+            assert torch.equal(resize_shorter(x, 256, mode), resize_shorter(x.contiguous(), 256, mode)), (h, w, c)
+
+
 def test_grayscale_and_odd_sizes(lite0):
     gray = np.arange(33 * 17, dtype=np.uint8).reshape(1, 33, 17)  # [N, H, W], 33x17
     out = preprocess(gray, lite0.spec, "center")

@@ -154,13 +154,16 @@ class TrainingDiverged(UserError):
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# Keys that name one quantity in a head config and in TrainConfig: `frames` is both the frames a video is fed as and
+# what local-pool sizes its softmax for (Ng et al. 3.1), so an unscoped `--set frames=N` sets both.
+SHARED_KEYS = ("frames",)
 
 
 def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, **train_kw):
     """(head config, TrainConfig) for ``head`` with ``overrides`` (strings are parsed to the field's type).
 
-    A key goes to the head config if it has one of that name, else to TrainConfig; ``head.KEY`` / ``train.KEY``
-    pick explicitly. Unknown keys raise ``RegistryError`` naming the valid keys of both. ``train_kw`` (e.g.
+    A key goes to the head config if it has one of that name, else to TrainConfig (a ``SHARED_KEYS`` key to both);
+    ``head.KEY`` / ``train.KEY`` pick explicitly. Unknown keys raise ``RegistryError`` naming the valid keys of both. ``train_kw`` (e.g.
     ``seed`` from ``--seed``) sit between the head's train_defaults and the overrides.
     """
     entry = HEADS.get(head)
@@ -168,7 +171,9 @@ def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, *
     head_over, train_over = {}, {}
     for key, value in (overrides or {}).items():
         scope, _, name = key.rpartition(".")
-        if scope == "head" or (not scope and name in head_keys):
+        if not scope and name in SHARED_KEYS and name in head_keys:
+            head_over[name] = train_over[name] = value  # one quantity: the head is built for what it is fed
+        elif scope == "head" or (not scope and name in head_keys):
             head_over[name] = value
         elif scope == "train" or (not scope and name in TRAIN_KEYS):
             if name not in TRAIN_KEYS:

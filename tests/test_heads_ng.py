@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -561,6 +562,12 @@ def test_ng_heads_refuse_more_frames_than_the_store_holds(store_25, tmp_path):
     m = _train(_stage_job(root, store, tmp_path, "late-pool", "hidden=8", "epochs=1", "frames=25")).metrics
     assert data_warnings(m) == [("late-pool follows a paper that sampled 1 / 6 / 30 frames per second; the store holds "
                               "25 equally spaced frames per video")]
+    # local-pool sizes its softmax by `frames` too: the refusal's advice sets both, and the head has 4 towers, not 5
+    with pytest.raises(UserError, match="reads 30 frames"):
+        _train(_stage_job(root, store, tmp_path, "local-pool", "hidden=8"))
+    run = _train(_stage_job(root, store, tmp_path, "local-pool", "hidden=8", "epochs=1", "frames=25"))
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["head_config"]["frames"] == config["train"]["frames"] == 25
 
 
 def test_karpathy_clips_refuse_a_sparse_store_unless_told(store_25, tmp_path):

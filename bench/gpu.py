@@ -267,6 +267,14 @@ def epe(flow: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> float
     return float((f - g).norm(dim=1).mean())
 
 
+def skip_reason(last: float | None, budget: Budget) -> str:
+    """Why the next batch is not run ("" to run it): a smaller batch failed (``last`` inf), or a row costs about
+    a warm-up plus one timed call, 2x the last call's time on twice as many items, more than the budget has left."""
+    if last == float("inf"):
+        return "skipped: a smaller batch failed"
+    return "" if budget.fits(0 if last is None else 4 * last) else budget.skipped()
+
+
 def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches: list[int], budget: Budget,
                min_s: float, size: tuple[int, int], warm_each: bool = True) -> list[dict]:
     """Pairs/s of ``fn(prev, nxt)`` (float [B,1,H,W] on ``dev``) per batch size; batches tile the known pairs, so a
@@ -278,11 +286,7 @@ def flow_sweep(method: str, variant: str, fn, pairs, dev: torch.device, batches:
     for b in batches:
         r = row(method, variant, f"{size[0]}x{size[1]}, batch {b}", unit="pairs/s", batch=b)
         rows.append(r)
-        # a row costs about (warm-up + one timed call) = 2x the last row's call, twice as many pairs
-        if last == float("inf"):
-            r["note"] = "skipped: a smaller batch failed"
-        elif not budget.fits(0 if last is None else 4 * last):
-            r["note"] = budget.skipped()
+        r["note"] = r["note"] or skip_reason(last, budget)
         if r["note"]:
             print(f"{method} {variant} batch {b}: {r['note']}", flush=True)
             continue
@@ -393,10 +397,7 @@ def bench_cnn(dev: torch.device, batches: list[int], budget: Budget, min_s: floa
         for b in batches:
             r = row("CNN", label, f"{spec['precision']}, batch {b}", unit="images/s", batch=b)
             rows.append(r)
-            if last == float("inf"):
-                r["note"] = "skipped: a smaller batch failed"
-            elif not budget.fits(0 if last is None else 4 * last):
-                r["note"] = budget.skipped()
+            r["note"] = r["note"] or skip_reason(last, budget)
             if r["note"]:
                 print(f"CNN {label} batch {b}: {r['note']}", flush=True)
                 continue

@@ -136,7 +136,7 @@ def main():
         step_s = {h: seconds_per_step(h, 1280 * len(streams), (1280,) * len(streams), 8) for h in heads}
         heads.sort(key=lambda h: step_s[h])
     header = (f"Demo split 1, streams {'+'.join(streams)}, seeds {','.join(map(str, seeds))}: test accuracy, mean ± "
-              f"sample std over seeds; {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads.")
+              f"sample std over seeds; {platform.machine()}, {os.cpu_count()} cores.")
     rows: dict = {}
     out = Path(args.out) if args.out else None
     t_start = time.time()

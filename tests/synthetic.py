@@ -4,6 +4,7 @@ test, the rest train (as UCF101's split 1 holds out groups 1-7)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import cv2
@@ -100,3 +101,20 @@ def run_over_store(store: Path, tmp: Path) -> Path:
     (run / "extraction.json").write_text(json.dumps(extraction_record(fs, streams, [])))
     (run / "COMPLETE").write_text("x\n")
     return run
+
+
+@contextlib.contextmanager
+def threads_of_extract_workers(workers: int):
+    """Run the block with the torch thread count an extraction with ``--workers N`` gives its CNNs on the CPU
+    (``worker_threads``): features are the same bit for bit only at equal thread counts, and the test modules pin
+    their process to one thread."""
+    import torch
+
+    from pipeline.extraction import worker_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

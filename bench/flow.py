@@ -53,18 +53,24 @@ def smooth_field(h: int, w: int, mag: float, seed: int) -> np.ndarray:
     return (mag * np.stack([fx, fy])).astype(np.float32)
 
 
+def warp_by(img: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """uint8 ``prev`` with prev(p) = img(p + gt(p)) for a grey ``img`` [H,W] and a field ``gt`` [2,H,W] (bicubic,
+    borders reflected): the pair (prev, img) has the known flow ``gt``."""
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    prev = cv2.remap(img.astype(np.float32), xx + gt[0], yy + gt[1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    return np.clip(prev, 0, 255).round().astype(np.uint8)
+
+
 def make_pairs(n: int, size: tuple[int, int]):
     """prev, nxt uint8 [n,H,W] and ground-truth flow [n,2,H,W] with prev(p) = nxt(p + flow(p))."""
     w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     prevs, nxts, gts = [], [], []
     for k, img in enumerate(load_frames(min(n, 16), size) * (n // 16 + 1)):
         if k == n:
             break
         gt = smooth_field(h, w, 4.0 if k % 2 == 0 else 10.0, seed=k)
-        prev = cv2.remap(img.astype(np.float32), xx + gt[0], yy + gt[1], cv2.INTER_CUBIC,
-                         borderMode=cv2.BORDER_REFLECT)
-        prevs.append(np.clip(prev, 0, 255).round().astype(np.uint8))
+        prevs.append(warp_by(img, gt))
         nxts.append(img)
         gts.append(gt)
     return np.stack(prevs), np.stack(nxts), np.stack(gts)

@@ -245,17 +245,14 @@ def bench_decode(clips: dict, dev: torch.device, budget: Budget, min_s: float) -
 def gt_pairs(frames: np.ndarray, size: tuple[int, int], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``k`` grey pairs at ``size`` (W, H) of UCF101-like frames warped by known smooth fields (~4 and ~10 px at
     340 px wide, scaled with the width): prev(p) = nxt(p + flow(p)), as bench/flow.py's ``make_pairs``."""
-    smooth_field = _bench_module("flow").smooth_field
+    flow_bench = _bench_module("flow")
     w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     prevs, nxts, gts = [], [], []
     for j in range(k):
         f = frames[(37 * j) % len(frames)]
         img = cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
-        gt = smooth_field(h, w, (4.0 if j % 2 == 0 else 10.0) * w / 340, seed=j)
-        prev = cv2.remap(img.astype(np.float32), xx + gt[0], yy + gt[1], cv2.INTER_CUBIC,
-                         borderMode=cv2.BORDER_REFLECT)
-        prevs.append(np.clip(prev, 0, 255).round().astype(np.uint8))
+        gt = flow_bench.smooth_field(h, w, (4.0 if j % 2 == 0 else 10.0) * w / 340, seed=j)
+        prevs.append(flow_bench.warp_by(img, gt))
         nxts.append(img)
         gts.append(gt)
     return np.stack(prevs), np.stack(nxts), np.stack(gts)

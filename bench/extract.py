@@ -14,6 +14,10 @@ recorded: an "idle" figure taken with a load average over 0.5 shared the cores w
 
 ``--per-video`` is the older in-process breakdown (no workers, one video at a time) on demo videos and on a
 UCF101-like 320x240 clip.
+
+``--resize`` compares the two ways ``preprocess`` can resize, on the same decoded frames and flow images of demo
+videos, side by side: uint8 (what backbones record now, PIL's values) against float (stores made before), per
+stream: preprocessing seconds per video and the cosine between the two paths' per-frame CNN features.
 """
 
 from __future__ import annotations
@@ -103,6 +107,46 @@ def per_video(args) -> None:
               + " |")
 
 
+def resize_paths(args) -> str:
+    """Preprocessing time and feature cosine, uint8 resize against float resize (see the module docstring)."""
+    torch.set_num_threads(args.threads)
+    cfg = ExtractConfig(streams=tuple(args.streams.split(",")), sampling=Sampling("frames", args.frames),
+                        flow_method=args.flow)
+    streams = _build_streams(cfg, "cpu")
+    conf = store_config(cfg, streams, "decord")
+    flow = {"method": cfg.flow_method, "params": conf["flow"]["params"], "bound": cfg.flow_bound,
+            "stack": cfg.flow_stack, "device": "cpu"} if "flow" in cfg.streams else None
+    stats = {s.name: {"uint8": [0.0, []], "float": [0.0, []]} for s in streams}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = load_manifest(write_demo_dataset(Path(tmp) / "demo"))
+        step = max(1, len(demo.videos) // args.videos)
+        videos = demo.videos[::step][: args.videos]
+        for i, v in enumerate([videos[0], *videos]):  # the first video twice: a warm-up, not counted
+            prepared = prepare_video({"path": str(v.path), "sampling": cfg.sampling, "decoder": "decord",
+                                      "device": "cpu", "streams": cfg.streams, "flow": flow})
+            for s in streams:
+                feats = {}
+                for dtype in ("uint8", "float")[::1 if i % 2 else -1]:  # each path first on every other video
+                    s.backbone.spec["resize_dtype"] = dtype
+                    secs = {"preprocess": 0.0, "cnn": 0.0}
+                    feats[dtype] = torch.from_numpy(
+                        _embed(s, prepared[s.name], args.batch_size, secs)[s.name].astype(np.float32))
+                    stats[s.name][dtype][0] += secs["preprocess"] if i else 0.0
+                cos = torch.nn.functional.cosine_similarity(feats["uint8"], feats["float"], dim=1)  # [T]
+                stats[s.name]["uint8"][1] += cos.tolist() if i else []
+    lines = ["| stream | preprocess, float resize (s/video) | preprocess, uint8 resize (s/video) | speed-up | "
+             "feature cosine, mean | feature cosine, min |", "|---|---:|---:|---:|---:|---:|"]
+    for name, st in stats.items():
+        f, u = st["float"][0] / len(videos), st["uint8"][0] / len(videos)
+        cos = np.array(st["uint8"][1])
+        lines.append(f"| {name} | {f:.3f} | {u:.3f} | {f / u:.1f}x | {cos.mean():.5f} | {cos.min():.5f} |")
+    caption = (f"{len(videos)} demo videos (160x120), {args.frames} frames, flow {args.flow}, "
+               f"{streams[0].backbone.spec['name']} (resize {streams[0].backbone.spec['resize']}, "
+               f"{streams[0].backbone.spec['interpolation']}), {args.threads} thread(s), torch {torch.__version__}; "
+               f"the same decoded frames and flow images through both paths, one after the other per video.")
+    return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
 # ------------------------------------------------------------------------------------- the whole demo
 
 BUSY = "while True:\n    pass\n"
@@ -179,22 +223,23 @@ def whole_demo(args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-video", action="store_true", help="the in-process breakdown per video instead")
+    ap.add_argument("--resize", action="store_true", help="uint8 against float resizing: time and feature cosine")
     ap.add_argument("--data", default=None, help="a dataset folder instead of a fresh demo")
     ap.add_argument("--limit", type=int, default=0, help="extract only the first N videos (0: all)")
     ap.add_argument("--busy", type=int, default=2, help="busy-looping processes of the loaded run")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the table here (bench/results/extract.md)")
-    ap.add_argument("--videos", type=int, default=6, help="--per-video: demo videos to time")
+    ap.add_argument("--videos", type=int, default=6, help="--per-video, --resize: demo videos to use")
     ap.add_argument("--streams", default="rgb,flow")
     ap.add_argument("--flow", default="dis")
     ap.add_argument("--frames", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=2, help="--per-video: CNN threads")
+    ap.add_argument("--threads", type=int, default=2, help="--per-video, --resize: torch threads")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
     if args.per_video:
         per_video(args)
         return
-    table = whole_demo(args)
+    table = resize_paths(args) if args.resize else whole_demo(args)
     print(table)
     if args.out:
         Path(args.out).write_text(table)

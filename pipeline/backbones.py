@@ -427,7 +427,7 @@ def _finish(name: str, cfg: BackboneConfig, net: nn.Module, first_conv: str, wei
     spec = {
         "name": name, "arch": cfg.arch, "in_chans": in_chans, "modality": modality,
         "input_size": cfg.input_size, "resize": cfg.resize, "crop": "center", "interpolation": cfg.interpolation,
-        "mean": list(mean), "std": list(std),
+        "resize_dtype": "uint8", "mean": list(mean), "std": list(std),
         "weights": os.path.basename(weights) if is_file else "random",
         "weights_sha256": file_sha256(weights) if is_file else None,
         "cross_modality_init": cross_init,

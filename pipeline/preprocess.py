@@ -5,6 +5,11 @@ The pipeline a weights file was trained with ships with it (torchvision's weight
 [0, 1], subtract ``mean`` and divide by ``std``. ``preprocess`` returns ``[N, V, C, S, S]`` where V counts the
 test-time views (``center`` 1, ``flip`` 2, ``10crop`` 10); features are averaged over V afterwards.
 
+A spec with ``resize_dtype: "uint8"`` (every backbone built now) resizes and crops the uint8 frames and converts
+only the crops to float, as PIL does for the pipelines these weights were trained with: PyTorch's uint8 kernels
+give PIL's values (to one grey level) several times faster than resizing floats. Specs without the key (stores
+made before it) resize floats, so those stores' features are reproduced exactly.
+
 Flow stacks (Simonyan & Zisserman; TSN; Ma et al. 3.1) arrive as uint8 flow images ``[N, H, W, 2L]`` with
 channels interleaved ``(x_1, y_1, x_2, y_2, ...)`` and 128 meaning zero motion. Mirroring a flow field
 negates its horizontal component, which on uint8 images is ``x -> 255 - x`` (``1 - x`` after /255).
@@ -36,6 +41,7 @@ __all__ = [
     "normalize",
     "preprocess",
     "resize_shorter",
+    "to_chw",
     "to_float_chw",
     "tta_views",
     "view_flips",
@@ -45,11 +51,9 @@ __all__ = [
 TTA_VIEWS = {"center": 1, "flip": 2, "10crop": 10}
 
 
-def to_float_chw(frames, in_chans: int = 3) -> torch.Tensor:
-    """uint8 frames ``[N, H, W, C]`` (or ``[N, H, W]`` grayscale) -> float ``[N, C, H, W]`` in [0, 1].
-
-    Grayscale (1 channel) is replicated to 3 channels when the network expects RGB.
-    """
+def to_chw(frames, in_chans: int = 3) -> torch.Tensor:
+    """Frames ``[N, H, W, C]`` (or ``[N, H, W]`` grayscale) -> ``[N, C, H, W]``, dtype kept (a view of the input:
+    channels-last memory). Grayscale (1 channel) is replicated to 3 channels when the network expects RGB."""
     x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else torch.as_tensor(frames)
     if x.dim() == 3:
         x = x.unsqueeze(-1)  # [N,H,W] -> [N,H,W,1]
@@ -59,17 +63,29 @@ def to_float_chw(frames, in_chans: int = 3) -> torch.Tensor:
         x = x.expand(-1, -1, -1, 3)  # [N,H,W,1] -> [N,H,W,3]
     if x.shape[-1] != in_chans:
         raise ValueError(f"frames have {x.shape[-1]} channels, the backbone expects {in_chans}")
-    scale = 255.0 if x.dtype == torch.uint8 else 1.0
-    return x.permute(0, 3, 1, 2).float().div_(scale)  # [N,H,W,C] -> [N,C,H,W]
+    return x.permute(0, 3, 1, 2)  # [N,H,W,C] -> [N,C,H,W]
+
+
+def to_float_chw(frames, in_chans: int = 3) -> torch.Tensor:
+    """uint8 frames ``[N, H, W, C]`` (or ``[N, H, W]`` grayscale) -> float ``[N, C, H, W]`` in [0, 1]."""
+    x = to_chw(frames, in_chans)
+    return x.float().div_(255.0 if x.dtype == torch.uint8 else 1.0)
 
 
 def resize_shorter(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Resize ``[N, C, H, W]`` so that min(H, W) == size, keeping the aspect ratio (antialiased, like PIL)."""
+    """Resize ``[N, C, H, W]`` so that min(H, W) == size, keeping the aspect ratio (antialiased, like PIL).
+
+    uint8 input gives uint8 output, rounded and saturated as PIL does; the values do not depend on memory layout.
+    """
     h, w = x.shape[-2:]
     if min(h, w) == size:
         return x
     scale = size / min(h, w)
     out_hw = (size, max(size, round(w * scale))) if h <= w else (max(size, round(h * scale)), size)
+    if x.dtype == torch.uint8:  # PyTorch's uint8 kernels: channels-last is the fast one for 3 or 4 channels
+        layout = torch.channels_last if x.shape[1] in (3, 4) else torch.contiguous_format
+        return F.interpolate(x.contiguous(memory_format=layout), size=out_hw, mode=interpolation,
+                             align_corners=False, antialias=True)
     y = F.interpolate(x, size=out_hw, mode=interpolation, align_corners=False, antialias=True)  # [N,C,h',w']
     # bicubic overshoots; PIL's uint8 output clips, so do the same
     return y.clamp_(0.0, 1.0) if interpolation == "bicubic" else y
@@ -95,11 +111,13 @@ def five_crop(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def hflip(x: torch.Tensor, flow: bool = False) -> torch.Tensor:
-    """Mirror ``[..., C, H, W]`` in [0, 1]. For a flow stack (interleaved x, y) the x channels become 1 - x."""
+    """Mirror ``[..., C, H, W]`` (uint8, or float in [0, 1]). For a flow stack (interleaved x, y) the x channels
+    become 255 - x (1 - x on floats)."""
     y = x.flip(-1)
     if flow:
+        top = 255 if x.dtype == torch.uint8 else 1.0
         y = y.clone()
-        y[..., 0::2, :, :] = 1.0 - y[..., 0::2, :, :]  # u -> -u around 0.5 (uint8: 255 - x)
+        y[..., 0::2, :, :] = top - y[..., 0::2, :, :]  # u -> -u around 128 (0.5 on floats)
     return y
 
 
@@ -137,11 +155,16 @@ def preprocess(frames, spec: dict, tta: str = "center") -> torch.Tensor:
     ``spec`` is a backbone's ``spec`` (keys ``resize``, ``input_size``, ``interpolation``, ``mean``, ``std``,
     ``in_chans``, ``modality``). A foveated backbone takes the same full-resolution crop and splits it itself.
     """
-    in_chans = int(spec["in_chans"])
-    # contiguous: PyTorch's planar resize kernel is faster than its channels-last one, with the same values
-    x = to_float_chw(frames, in_chans).contiguous()  # [N,H,W,C] -> [N,C,H,W]
+    x = to_chw(frames, int(spec["in_chans"]))  # [N,H,W,C] -> [N,C,H,W]
+    flow = spec.get("modality") == "flow"
+    if x.dtype == torch.uint8 and spec.get("resize_dtype") == "uint8":
+        x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # uint8 [N,C,R,R*w/h]
+        x = tta_views(x, int(spec["input_size"]), tta, flow=flow).float().div_(255.0)  # -> [N,V,C,S,S] in [0,1]
+        return normalize(x, spec["mean"], spec["std"])
+    # floats: contiguous, as PyTorch's planar float resize kernel is faster than its channels-last one
+    x = x.float().div_(255.0 if x.dtype == torch.uint8 else 1.0).contiguous()
     x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [N,C,H,W] -> [N,C,R,R*w/h]
-    x = tta_views(x, int(spec["input_size"]), tta, flow=spec.get("modality") == "flow")  # -> [N,V,C,S,S]
+    x = tta_views(x, int(spec["input_size"]), tta, flow=flow)  # -> [N,V,C,S,S]
     return normalize(x, spec["mean"], spec["std"])
 
 
@@ -157,9 +180,13 @@ def flow_stack_views(images, rows, spec: dict, tta: str = "center") -> torch.Ten
     if 2 * length != int(spec["in_chans"]):
         raise ValueError(f"stacks of {length} flow fields have {2 * length} channels, the backbone expects "
                          f"{spec['in_chans']}")
-    x = x.float().div_(255.0).contiguous()  # [P,2,H,W] in [0,1], as to_float_chw
-    x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [P,2,R,R*w/h]
-    views = tta_views(x, int(spec["input_size"]), tta, flow=True)  # [P,V,2,S,S]
+    if x.dtype == torch.uint8 and spec.get("resize_dtype") == "uint8":  # resized and cropped as uint8 (preprocess)
+        x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # uint8 [P,2,R,R*w/h]
+        views = tta_views(x, int(spec["input_size"]), tta, flow=True).float().div_(255.0)  # [P,V,2,S,S] in [0,1]
+    else:
+        x = x.float().div_(255.0).contiguous()  # [P,2,H,W] in [0,1], as to_float_chw
+        x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [P,2,R,R*w/h]
+        views = tta_views(x, int(spec["input_size"]), tta, flow=True)  # [P,V,2,S,S]
     mean, std = list(spec["mean"]), list(spec["std"])
     per_image = len(set(mean[0::2])) == 1 and len(set(mean[1::2])) == 1 and len(set(std[0::2])) == 1 \
         and len(set(std[1::2])) == 1  # every x channel alike and every y channel alike: normalise each image once

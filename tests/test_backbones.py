@@ -156,36 +156,44 @@ def _frames(n=2, h=8, w=10, c=3):
     return (torch.arange(n * h * w * c) % 251).to(torch.uint8).reshape(n, h, w, c)
 
 
-def test_tta_view_counts_and_flip_geometry():
+RESIZE_DTYPES = pytest.mark.parametrize("resize_dtype", ["uint8", "float"])  # new specs, and stores made before
+
+
+@RESIZE_DTYPES
+def test_tta_view_counts_and_flip_geometry(resize_dtype):
+    spec = dict(TINY, resize_dtype=resize_dtype)
     fr = _frames()
     for tta, v in (("center", 1), ("flip", 2), ("10crop", 10)):
-        assert preprocess(fr, TINY, tta).shape == (2, v, 3, 6, 6)
+        assert preprocess(fr, spec, tta).shape == (2, v, 3, 6, 6)
     x = fr.permute(0, 3, 1, 2).float() / 255  # already 8 px on the short side: no resize
-    ten = preprocess(fr, TINY, "10crop")
+    ten = preprocess(fr, spec, "10crop")
     expect = [x[..., :6, :6], x[..., :6, 4:], x[..., 2:, :6], x[..., 2:, 4:], x[..., 1:7, 2:8]]
     for i, e in enumerate(expect):
         assert torch.allclose(ten[:, i], e)
         assert torch.allclose(ten[:, 5 + i], e.flip(-1))
-    flip = preprocess(fr, TINY, "flip")
+    flip = preprocess(fr, spec, "flip")
     assert torch.allclose(flip[:, 0], expect[4]) and torch.allclose(flip[:, 1], expect[4].flip(-1))
     assert view_flips("10crop") == [False] * 5 + [True] * 5
     with pytest.raises(ValueError):
         preprocess(fr, TINY, "3crop")
 
 
-def test_normalisation_and_resize_shorter_side():
-    spec = dict(TINY, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], resize=4, input_size=4)
+@RESIZE_DTYPES
+def test_normalisation_and_resize_shorter_side(resize_dtype):
+    spec = dict(TINY, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], resize=4, input_size=4, resize_dtype=resize_dtype)
     fr = torch.full((1, 8, 16, 3), 255, dtype=torch.uint8)
     out = preprocess(fr, spec)
     assert out.shape == (1, 1, 3, 4, 4)
     assert torch.allclose(out, torch.full_like(out, 2.0))  # (1 - .5) / .25
 
 
-def test_flow_flip_negates_x():
+@RESIZE_DTYPES
+def test_flow_flip_negates_x(resize_dtype):
     """uint8 flow (128 = 0): mirroring maps u -> 255 - u at the mirrored pixel; v only moves."""
     rng = np.random.default_rng(0)
     stack = rng.integers(0, 256, size=(1, 6, 6, 4), dtype=np.uint8)  # L = 2: channels x1, y1, x2, y2
-    spec = dict(TINY, in_chans=4, modality="flow", resize=6, mean=[0.5] * 4, std=[0.226] * 4)
+    spec = dict(TINY, in_chans=4, modality="flow", resize=6, mean=[0.5] * 4, std=[0.226] * 4,
+                resize_dtype=resize_dtype)
     views = preprocess(stack, spec, "flip")
     back = (views * 0.226 + 0.5) * 255  # undo normalisation -> uint8 values
     plain, mirrored = back[0, 0], back[0, 1]
@@ -196,11 +204,14 @@ def test_flow_flip_negates_x():
     # zero motion stays zero motion
     z = torch.full((1, 4, 2, 2), 128 / 255)
     assert torch.allclose(hflip(z, flow=True)[:, 0::2], torch.full((1, 2, 2, 2), 127 / 255))
+    z8 = torch.full((1, 4, 2, 2), 128, dtype=torch.uint8)
+    assert torch.equal(hflip(z8, flow=True)[:, 0::2], torch.full((1, 2, 2, 2), 127, dtype=torch.uint8))
 
 
+@RESIZE_DTYPES
 @pytest.mark.parametrize("tta", ["center", "flip", "10crop"])
 @pytest.mark.parametrize("mean", [[0.5] * 6, [0.4, 0.6] * 3, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
-def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_bit(tta, mean):
+def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_bit(tta, mean, resize_dtype):
     """Overlapping stacks (L = 3, stacks at frames 0, 1, 3 of 6 pairs): each flow image preprocessed once and the
     stacks gathered give exactly ``preprocess`` of the assembled stacks, up- and downsampled, any per-channel mean."""
     from pipeline.extraction import FlowImages
@@ -213,7 +224,7 @@ def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_b
     assert np.array_equal(stacks[1, 2:4], images[2]) and stacks.shape == (3, 6, 12, 17)
     for resize, size in ((20, 16), (8, 6)):
         spec = dict(TINY, in_chans=6, modality="flow", resize=resize, input_size=size, interpolation="bicubic",
-                    mean=mean, std=[0.25] * 6)
+                    mean=mean, std=[0.25] * 6, resize_dtype=resize_dtype)
         want = preprocess(np.ascontiguousarray(stacks.transpose(0, 2, 3, 1)), spec, tta)  # [T,V,2L,S,S]
         assert torch.equal(flow_stack_views(images, rows, spec, tta), want)
 
@@ -221,13 +232,38 @@ def test_flow_stacks_preprocessed_per_image_equal_the_assembled_stacks_bit_for_b
 def test_resize_values_do_not_depend_on_memory_layout():
     """preprocess resizes planar (contiguous) frames; stores made when it resized channels-last ones keep their
     features only if both give the same values, up- and downsampling, RGB and flow-stack channel counts."""
-    from pipeline.preprocess import resize_shorter, to_float_chw
+    from pipeline.preprocess import resize_shorter, to_chw, to_float_chw
 
     rng = np.random.default_rng(0)
     for h, w, c in ((120, 160, 3), (480, 640, 3), (100, 133, 20), (300, 400, 20)):
         x = to_float_chw(rng.integers(0, 256, (2, h, w, c), dtype=np.uint8), c)  # channels-last memory
         for mode in ("bicubic", "bilinear"):
             assert torch.equal(resize_shorter(x, 256, mode), resize_shorter(x.contiguous(), 256, mode)), (h, w, c)
+            x8 = to_chw(rng.integers(0, 256, (2, h, w, c), dtype=np.uint8), c)  # uint8 kernels: the same rule
+            assert torch.equal(resize_shorter(x8, 256, mode), resize_shorter(x8.contiguous(), 256, mode)), (h, w, c)
+
+
+@pytest.mark.parametrize("mode, pil_mode", [("bicubic", "BICUBIC"), ("bilinear", "BILINEAR")])
+def test_uint8_resize_gives_pils_values(mode, pil_mode):
+    """Known answer: the ImageNet pipelines behind these weights resize uint8 images with PIL (timm, torchvision).
+    Resizing uint8 (new specs) lands within two grey levels of PIL everywhere and equals it at 98% of the values,
+    up- and downsampling; resizing floats (stores made before) strays further on the same frames."""
+    from PIL import Image
+
+    from pipeline.preprocess import resize_shorter, to_chw, to_float_chw
+
+    yy, xx = np.mgrid[0:120, 0:160]
+    frame = np.stack([(xx * 1.6 + 40 * np.sin(yy / 7.0)) % 256, (yy * 2.1) % 256,
+                      128 + 100 * np.sin(xx / 9.0) * np.cos(yy / 5.0)], -1).astype(np.uint8)  # [120,160,3]
+    for size in (256, 64):
+        w = round(160 * size / 120)
+        pil = np.asarray(Image.fromarray(frame).resize((w, size), getattr(Image.Resampling, pil_mode)))
+        ours = resize_shorter(to_chw(frame[None]), size, mode)[0].permute(1, 2, 0).numpy()  # uint8 [size,w,3]
+        floats = resize_shorter(to_float_chw(frame[None]).contiguous(), size, mode)[0].permute(1, 2, 0).numpy()
+        diff = np.abs(ours.astype(int) - pil.astype(int))
+        assert ours.dtype == np.uint8 and ours.shape == pil.shape, size
+        assert diff.max() <= 2 and (diff == 0).mean() >= 0.98, (size, diff.max(), (diff == 0).mean())
+        assert np.abs(np.round(floats * 255) - pil).mean() > diff.mean(), size
 
 
 def test_grayscale_and_odd_sizes(lite0):

@@ -9,9 +9,12 @@ TrainConfig defaults, then a named recipe (``--set recipe=...``), then ``seed``,
   features, so that heads are compared at what they can reach rather than by their papers' optimisers
   (``CONVERGE``): AdamW (Loshchilov and Hutter 2019) at 1e-3, linear warm-up then cosine decay per step, a budget
   of ``max(min_steps, epochs x steps per epoch)`` optimiser steps, validation every ``eval_every`` steps, early
-  stopping after ``patience_steps`` steps without a better smoothed validation accuracy (ties: loss), the best
-  checkpoint restored. The head keeps its own ``frames`` and weight decay (``HEAD_OWN_KEYS``), and its
-  ``converge_defaults`` where its algorithm needs another optimiser (plain SGD for Wu et al.'s proximal updates).
+  stopping after ``patience_steps`` steps or a third of the budget (``patience_fraction``), whichever is longer,
+  without a better smoothed validation accuracy (ties: loss), the best checkpoint restored. Patience grows with the
+  budget because the cosine schedule does: 200 steps are under one epoch of UCF101, where a fixed patience stopped
+  runs while the rate was still high, before the decay of the schedule's last part. The head keeps its own
+  ``frames`` and weight decay (``HEAD_OWN_KEYS``), and its ``converge_defaults`` where its algorithm needs another
+  optimiser (plain SGD for Wu et al.'s proximal updates).
 
 Multi-label data (``y`` an indicator matrix [B, C]) trains every torch head with a per-class sigmoid and binary
 cross-entropy on its video scores (``batch_loss``; the YouTube-8M objective, Abu-El-Haija et al. 2016, Sec. 4),
@@ -50,14 +53,17 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "batch_loss",
+    "budget_steps",
     "build_head",
     "count_params",
     "find_lr",
     "fit",
     "fit_sklearn",
+    "patience_in_steps",
     "predict",
     "resolve_configs",
     "resolve_device",
+    "train_record",
 ]
 
 
@@ -93,6 +99,7 @@ class TrainConfig:
     smoothing: float = 0.0  # exponential moving average of the validation metrics over evaluations (0 = raw)
     patience: int = 10  # stop after this many epochs without a better monitored value; 0 = off
     patience_steps: int = 0  # stop after this many optimiser steps (after warm-up) without one; 0 = off
+    patience_fraction: float = 0.0  # ... or after this share of the budget, if that is longer (``patience_in_steps``)
     val_fraction: float = 0.1  # share of each class's training groups held out for validation
     seed: int = 0
     memory_gb: float = 4.0  # float16 features up to this size are held in memory, else streamed from the store
@@ -121,6 +128,7 @@ class TrainConfig:
             "smoothing": finite(self.smoothing) and 0 <= self.smoothing < 1,
             "patience": self.patience >= 0,
             "patience_steps": self.patience_steps >= 0,
+            "patience_fraction": finite(self.patience_fraction) and 0 <= self.patience_fraction <= 1,
             "val_fraction": finite(self.val_fraction) and 0 <= self.val_fraction < 1,
             "memory_gb": finite(self.memory_gb) and self.memory_gb >= 0,
             "eval_batch_size": self.eval_batch_size >= 1,
@@ -144,6 +152,7 @@ CONVERGE: dict = {
     "smoothing": 0.5,
     "patience": 0,
     "patience_steps": 200,
+    "patience_fraction": 1 / 3,
 }
 # Keys of a head's paper recipe that describe its input or its own regularisation, so the converge recipe keeps them.
 HEAD_OWN_KEYS = ("frames", "weight_decay")
@@ -290,6 +299,29 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest > 1 or (rest == 1 and n == 1) else 0)
 
 
+def budget_steps(cfg: TrainConfig, n_train: int) -> int:
+    """Optimiser steps of a run over ``n_train`` videos: ``max(min_steps, epochs x steps per epoch)`` (epochs=0:
+    none, the model is evaluated as it is)."""
+    per_epoch = max(steps_per_epoch(n_train, cfg.batch_size), 1)
+    return max(cfg.min_steps, cfg.epochs * per_epoch) if cfg.epochs else 0
+
+
+def patience_in_steps(cfg: TrainConfig, total: int) -> int:
+    """Early stopping's patience in optimiser steps for a budget of ``total``: ``patience_steps`` or
+    ``patience_fraction`` of the budget, whichever is longer (0: no patience in steps)."""
+    return max(cfg.patience_steps, round(cfg.patience_fraction * total))
+
+
+def train_record(cfg: TrainConfig, n_train: int) -> dict:
+    """The train keys of a run over ``n_train`` videos as its record and name hold them: the patience it waits, in
+    steps (``patience_in_steps``), in place of the rule, so that the record says what decided the result and runs
+    whose patience the rule leaves unchanged keep the names they had before the rule."""
+    record = dataclasses.asdict(cfg)
+    del record["patience_fraction"]
+    record["patience_steps"] = patience_in_steps(cfg, budget_steps(cfg, n_train))
+    return record
+
+
 def check_proximal(head: torch.nn.Module, cfg: TrainConfig) -> None:
     """Proximal updates (``after_step``) are proximal-gradient steps only after a plain gradient step."""
     if getattr(head, "proximal", False) and not plain_sgd(cfg):
@@ -348,7 +380,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
     runs every ``eval_every`` steps (0: after each epoch); the monitored metric (``monitor``: validation accuracy,
     the same with ties broken by the validation loss, or the loss alone; smoothed by an exponential moving average) chooses
     the best checkpoint among those after warm-up, which is restored at the end, and stops training after
-    ``patience`` epochs or ``patience_steps`` steps (counted after warm-up) without a better value. With no
+    ``patience`` epochs or ``patience_in_steps`` steps (counted after warm-up) without a better value. With no
     validation set the last weights are kept and early stopping is off. A non-finite loss or validation score
     raises ``TrainingDiverged`` at once.
     """
@@ -359,7 +391,8 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
     gen = torch.Generator().manual_seed(cfg.seed)  # batch order
     head.to(device)
     per_epoch = max(steps_per_epoch(len(train), cfg.batch_size), 1)
-    total = max(cfg.min_steps, cfg.epochs * per_epoch) if cfg.epochs else 0  # epochs=0: evaluate as is
+    total = budget_steps(cfg, len(train))
+    patience_steps = patience_in_steps(cfg, total)
     opt = make_optimizer(head, cfg)
     sched = make_scheduler(opt, cfg, total)
     per_step_sched = cfg.schedule == "warmup-cosine"
@@ -397,7 +430,7 @@ def fit(head: torch.nn.Module, train: VideoFeatures, val: VideoFeatures | None, 
                             state=copy.deepcopy({k: v.detach().cpu() for k, v in head.state_dict().items()}))
             if cfg.patience and epoch_float - best["epoch"] >= cfg.patience:
                 stop = True
-            if cfg.patience_steps and step - max(best["step"], warmup) >= cfg.patience_steps:
+            if patience_steps and step - max(best["step"], warmup) >= patience_steps:
                 stop = True
         history.append(row)
         if on_epoch:

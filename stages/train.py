@@ -65,6 +65,7 @@ from pipeline.training import (
     predict_sklearn,
     resolve_configs,
     resolve_device,
+    train_record,
 )
 
 __all__ = ["EARLY_FUSION_NOTE", "RunPlan", "RunResult", "SplitFolds", "TrainJob", "check_store_split",
@@ -216,7 +217,7 @@ def plan_run(job: TrainJob, open_store: Callable = FeatureStore.open,
         "run_format": RUN_FORMAT,
         "head": job.head,
         "head_config": dataclasses.asdict(head_cfg),
-        "train": dataclasses.asdict(cfg),
+        "train": train_record(cfg, len(folds.train)),
         "streams": list(streams),
         "split": job.split,
         "store_fingerprint": store.fingerprint,
@@ -289,7 +290,7 @@ def train(job: TrainJob, progress: bool = True, echo: Callable[[str], None] = _e
              f"({lr_find['steps']} steps, stopped: {lr_find['stopped']}); suggested lr {lr_find['suggested_lr']:.3g}")
         if job.find_lr == "apply":
             cfg = dataclasses.replace(cfg, lr=float(f"{lr_find['suggested_lr']:.3g}"))
-            config["train"] = dataclasses.asdict(cfg)
+            config["train"] = train_record(cfg, len(train_items))
             config["lr_from"] = "find-lr"
             run.release()  # the run is now named by the rate found; claimed again by run.start()
             run = RunDir(job.out, job.head, config)

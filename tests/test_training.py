@@ -427,6 +427,7 @@ def test_resolve_device():
 
 @pytest.mark.parametrize("key, value", [("lr", "inf"), ("lr", "nan"), ("lr", "0"), ("lr", "-1e-3"), ("momentum", "1"),
                                         ("weight_decay", "inf"), ("patience", "-1"), ("patience_steps", "-5"),
+                                        ("patience_fraction", "1.5"), ("patience_fraction", "nan"),
                                         ("warmup_steps", "-1"), ("min_steps", "-1"), ("epochs", "-1"),
                                         ("smoothing", "1"), ("gamma", "0"), ("recipe", "fast")])
 def test_train_settings_out_of_range_are_refused(key, value):
@@ -478,12 +479,32 @@ def test_converge_budget_is_counted_in_steps_and_best_checkpoint_restored(datase
     assert float(torch.nn.functional.cross_entropy(torch.from_numpy(restored), torch.tensor(va.labels))) == \
         pytest.approx(row["val_loss"], rel=1e-5)
     assert out["best_step"] >= 5 and not out["did_not_learn"]  # checkpoints from warm-up are not candidates and out["warnings"] == []
-    # Patience in steps: stop once the smoothed validation loss has not improved for patience_steps after warm-up.
-    head2 = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, 0)
-    cfg2 = dataclasses.replace(cfg, min_steps=2000, patience_steps=20, lr=0.5)
-    out2 = fit(head2, tr, va, cfg2, torch.device("cpu"), progress=False)
-    assert out2["stop_reason"] == "patience" and out2["steps_run"] < 2000
-    assert out2["steps_run"] - max(out2["best_step"], 5) >= 20 > out2["steps_run"] - max(out2["best_step"], 5) - 3
+    # Patience in steps: stop once the smoothed validation loss has not improved for patience_steps after warm-up,
+    # or for patience_fraction of the budget where that is longer (here 5% of 2000 steps).
+    for patience_steps, fraction, wait in ((20, 0.0, 20), (20, 0.05, 100)):
+        head2 = build_head("test-mean-linear", head_cfg, tr.dim, 3, tr.stream_dims, 0)
+        cfg2 = dataclasses.replace(cfg, min_steps=2000, patience_steps=patience_steps, patience_fraction=fraction,
+                                   lr=0.5)
+        out2 = fit(head2, tr, va, cfg2, torch.device("cpu"), progress=False)
+        assert out2["stop_reason"] == "patience" and out2["steps_run"] < 2000
+        waited = out2["steps_run"] - max(out2["best_step"], 5)
+        assert wait <= waited < wait + 3, (wait, waited)
+
+
+def test_converge_patience_grows_with_the_budget_and_the_record_holds_the_steps_waited():
+    """The default recipe waits 200 steps or a third of the budget: on the demo (600 steps) that is the 200 steps it
+    always was, so those runs keep their names; on a UCF101-size set (8,583 training videos at batch 32, 30 epochs:
+    8,070 steps) it is 2,690 steps, where 200 were under one epoch and stopped runs while the rate was still high."""
+    from pipeline.training import budget_steps, patience_in_steps, train_record
+
+    _, cfg = resolve_configs("ts-lstm", {})
+    assert budget_steps(cfg, 43) == 600 and patience_in_steps(cfg, 600) == 200
+    assert budget_steps(cfg, 8583) == 30 * 269 == 8070 and patience_in_steps(cfg, 8070) == 2690
+    rec = train_record(cfg, 8583)
+    assert rec["patience_steps"] == 2690 and "patience_fraction" not in rec
+    assert train_record(cfg, 43) == {k: v for k, v in dataclasses.asdict(cfg).items() if k != "patience_fraction"}
+    _, paper = resolve_configs("ts-lstm", {"recipe": "paper"})
+    assert patience_in_steps(paper, 8070) == paper.patience_steps == 0  # the papers' patience is in epochs
 
 
 def test_huge_lr_is_divergence_not_a_result(dataset, tmp_path, capsys):

@@ -7,7 +7,7 @@ test-time views (``center`` 1, ``flip`` 2, ``10crop`` 10); features are averaged
 
 A spec with ``resize_dtype: "uint8"`` (every backbone built now) resizes and crops the uint8 frames and converts
 only the crops to float, as PIL does for the pipelines these weights were trained with: PyTorch's uint8 kernels
-give PIL's values (to one grey level) several times faster than resizing floats. Specs without the key (stores
+give PIL's values (to two grey levels) several times faster than resizing floats. Specs without the key (stores
 made before it) resize floats, so those stores' features are reproduced exactly.
 
 Flow stacks (Simonyan & Zisserman; TSN; Ma et al. 3.1) arrive as uint8 flow images ``[N, H, W, 2L]`` with

@@ -156,16 +156,20 @@ def preprocess(frames, spec: dict, tta: str = "center") -> torch.Tensor:
     ``in_chans``, ``modality``). A foveated backbone takes the same full-resolution crop and splits it itself.
     """
     x = to_chw(frames, int(spec["in_chans"]))  # [N,H,W,C] -> [N,C,H,W]
-    flow = spec.get("modality") == "flow"
+    x = _resized_views(x, spec, tta, flow=spec.get("modality") == "flow")  # -> [N,V,C,S,S] in [0,1]
+    return normalize(x, spec["mean"], spec["std"])
+
+
+def _resized_views(x: torch.Tensor, spec: dict, tta: str, flow: bool) -> torch.Tensor:
+    """``[N, C, H, W]`` (uint8, or float in [0, 1]) -> resized test-time views ``[N, V, C, S, S]`` in [0, 1]: as uint8
+    for a spec with ``resize_dtype: uint8``, else as floats (module docstring)."""
     if x.dtype == torch.uint8 and spec.get("resize_dtype") == "uint8":
         x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # uint8 [N,C,R,R*w/h]
-        x = tta_views(x, int(spec["input_size"]), tta, flow=flow).float().div_(255.0)  # -> [N,V,C,S,S] in [0,1]
-        return normalize(x, spec["mean"], spec["std"])
+        return tta_views(x, int(spec["input_size"]), tta, flow=flow).float().div_(255.0)
     # floats: contiguous, as PyTorch's planar float resize kernel is faster than its channels-last one
     x = x.float().div_(255.0 if x.dtype == torch.uint8 else 1.0).contiguous()
-    x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [N,C,H,W] -> [N,C,R,R*w/h]
-    x = tta_views(x, int(spec["input_size"]), tta, flow=flow)  # -> [N,V,C,S,S]
-    return normalize(x, spec["mean"], spec["std"])
+    x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [N,C,R,R*w/h]
+    return tta_views(x, int(spec["input_size"]), tta, flow=flow)
 
 
 def flow_stack_views(images, rows, spec: dict, tta: str = "center") -> torch.Tensor:
@@ -180,13 +184,7 @@ def flow_stack_views(images, rows, spec: dict, tta: str = "center") -> torch.Ten
     if 2 * length != int(spec["in_chans"]):
         raise ValueError(f"stacks of {length} flow fields have {2 * length} channels, the backbone expects "
                          f"{spec['in_chans']}")
-    if x.dtype == torch.uint8 and spec.get("resize_dtype") == "uint8":  # resized and cropped as uint8 (preprocess)
-        x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # uint8 [P,2,R,R*w/h]
-        views = tta_views(x, int(spec["input_size"]), tta, flow=True).float().div_(255.0)  # [P,V,2,S,S] in [0,1]
-    else:
-        x = x.float().div_(255.0).contiguous()  # [P,2,H,W] in [0,1], as to_float_chw
-        x = resize_shorter(x, int(spec["resize"]), spec["interpolation"])  # [P,2,R,R*w/h]
-        views = tta_views(x, int(spec["input_size"]), tta, flow=True)  # [P,V,2,S,S]
+    views = _resized_views(x, spec, tta, flow=True)  # [P,V,2,S,S] in [0,1], as preprocess
     mean, std = list(spec["mean"]), list(spec["std"])
     per_image = len(set(mean[0::2])) == 1 and len(set(mean[1::2])) == 1 and len(set(std[0::2])) == 1 \
         and len(set(std[1::2])) == 1  # every x channel alike and every y channel alike: normalise each image once

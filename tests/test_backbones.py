@@ -243,6 +243,24 @@ def test_resize_values_do_not_depend_on_memory_layout():
             assert torch.equal(resize_shorter(x8, 256, mode), resize_shorter(x8.contiguous(), 256, mode)), (h, w, c)
 
 
+def test_a_spec_without_resize_dtype_resizes_floats_as_stores_made_before_it():
+    """Stores made before the uint8 resize record no ``resize_dtype``: their features are reproduced only if
+    preprocess still scales to float first and resizes the floats, bit for bit, RGB and flow images."""
+    from pipeline.preprocess import flow_stack_views, normalize, resize_shorter, to_float_chw, tta_views
+
+    rng = np.random.default_rng(0)
+    spec = dict(TINY, resize=20, input_size=16, interpolation="bicubic", mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.4])
+    fr = rng.integers(0, 256, (2, 12, 17, 3), dtype=np.uint8)
+    x = resize_shorter(to_float_chw(fr).contiguous(), 20, "bicubic")
+    assert torch.equal(preprocess(fr, spec, "flip"), normalize(tta_views(x, 16, "flip"), spec["mean"], spec["std"]))
+    assert not torch.equal(preprocess(fr, dict(spec, resize_dtype="uint8"), "flip"), preprocess(fr, spec, "flip"))
+    images = rng.integers(0, 256, (3, 2, 12, 17), dtype=np.uint8)
+    fspec = dict(spec, in_chans=2, modality="flow", mean=[0.5, 0.5], std=[0.25, 0.25])
+    y = resize_shorter(torch.from_numpy(images).float().div_(255.0).contiguous(), 20, "bicubic")
+    want = normalize(tta_views(y, 16, "center", flow=True), [0.5, 0.5], [0.25, 0.25])  # [P,1,2,S,S]
+    assert torch.equal(flow_stack_views(images, np.array([[0], [2]]), fspec), want[[0, 2]])
+
+
 @pytest.mark.parametrize("mode, pil_mode", [("bicubic", "BICUBIC"), ("bilinear", "BILINEAR")])
 def test_uint8_resize_gives_pils_values(mode, pil_mode):
     """Known answer: the ImageNet pipelines behind these weights resize uint8 images with PIL (timm, torchvision).

@@ -67,11 +67,11 @@ def demo_store(tmp_path_factory):
 _RESULTS: dict = {}
 
 
-def _train(demo_store, head, *sets):
-    key = (head, sets)
+def _train(demo_store, head, *sets, seed=0):
+    key = (head, sets, seed)
     if key not in _RESULTS:
         root, store, runs = demo_store
-        job = TrainJob(store=str(store), dataset=str(root), head=head, streams=("rgb",), out=str(runs),
+        job = TrainJob(store=str(store), dataset=str(root), head=head, streams=("rgb",), out=str(runs), seed=seed,
                        overrides=tuple(tuple(s.split("=", 1)) for s in (*STORE_SETTINGS.get(head, ()), *sets)))
         _RESULTS[key] = train(job, progress=False, echo=lambda _: None).metrics
     return _RESULTS[key]
@@ -94,12 +94,18 @@ def test_every_head_learns_the_demo_with_its_default_recipe(demo_store, head):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order_heads, blind_heads", [
-    ([h for h in ORDER_HEADS if h in CI_HEADS], [b for b in BLIND if b[0] in CI_HEADS]),
-    pytest.param(ORDER_HEADS, BLIND, marks=pytest.mark.demo, id="every-head"),
+@pytest.mark.parametrize("order_heads, blind_heads, seeds", [
+    ([h for h in ORDER_HEADS if h in CI_HEADS], [b for b in BLIND if b[0] in CI_HEADS], (0,)),
+    pytest.param(ORDER_HEADS, BLIND, (0, 1, 2), marks=pytest.mark.demo, id="every-head"),
 ], ids=["ci-heads", "every-head"])
-def test_heads_that_model_order_beat_order_blind_pooling(demo_store, order_heads, blind_heads):
-    blind = {f"{h} {' '.join(s)}": _class_accuracy(_train(demo_store, h, *s), ORDER) for h, s in blind_heads}
-    order = {h: _class_accuracy(_train(demo_store, h), ORDER) for h in order_heads}  # temporal-pool: 3 segments
+def test_heads_that_model_order_beat_order_blind_pooling(demo_store, order_heads, blind_heads, seeds):
+    """Accuracy on the order-only classes, mean over ``seeds``. With 8 test videos one seed is a noisy measure (a
+    blind head reaches 6/8 at some seed, deep-lstm falls to 6/8 at another), so every head is measured over the
+    three seeds of the README's table; the CI subset, whose heads are steadier, over one."""
+    def order_accuracy(head, *sets):
+        return sum(_class_accuracy(_train(demo_store, head, *sets, seed=s), ORDER) for s in seeds) / len(seeds)
+
+    blind = {f"{h} {' '.join(s)}": order_accuracy(h, *s) for h, s in blind_heads}
+    order = {h: order_accuracy(h) for h in order_heads}  # temporal-pool: 3 segments
     assert max(blind.values()) <= 0.75, blind  # 8 test videos, chance 0.5: the same frames in any order
     assert min(order.values()) > max(blind.values()) and min(order.values()) >= 0.875, (order, blind)

@@ -199,6 +199,8 @@ def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, *
     train.update(train_kw)
     if "epochs" in parsed and "min_steps" not in parsed:
         train["min_steps"] = 0  # `--set epochs=N` asks for N epochs: the recipe's step minimum gives way
+    if "patience_steps" in parsed and "patience_fraction" not in parsed:
+        train["patience_fraction"] = 0.0  # `--set patience_steps=N` asks for N steps: the recipe's share gives way
     train.update(parsed)
     cfg = TrainConfig(**train)
     check = getattr(head_cfg, "check_train", None)

@@ -505,6 +505,11 @@ def test_converge_patience_grows_with_the_budget_and_the_record_holds_the_steps_
     assert train_record(cfg, 43) == {k: v for k, v in dataclasses.asdict(cfg).items() if k != "patience_fraction"}
     _, paper = resolve_configs("ts-lstm", {"recipe": "paper"})
     assert patience_in_steps(paper, 8070) == paper.patience_steps == 0  # the papers' patience is in epochs
+    # A patience given by hand is the patience waited, as `--set epochs=N` is the epochs run; both keys keep the rule.
+    _, hand = resolve_configs("ts-lstm", {"patience_steps": "50"})
+    assert patience_in_steps(hand, 8070) == 50 and train_record(hand, 8583)["patience_steps"] == 50
+    _, both = resolve_configs("ts-lstm", {"patience_steps": "50", "patience_fraction": "0.25"})
+    assert patience_in_steps(both, 8070) == round(0.25 * 8070)
 
 
 def test_huge_lr_is_divergence_not_a_result(dataset, tmp_path, capsys):

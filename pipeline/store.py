@@ -507,7 +507,10 @@ def _note(message: str) -> None:
 class FeatureStore:
     """Read-only view of the committed videos of a store. ``FeatureStore.open(path)``."""
 
-    OPEN_PARTS = 64
+    # An open part costs about 0.5 MiB (HDF5's per-file state) and up to 1 MiB in a streaming run; bulk reads go
+    # part by part, so a few open parts serve every reader (training, validation, test) at once. Reopening one
+    # costs about 0.2 ms. With 64, streaming's peak RSS grew by 60 MiB between 2,000 and 8,000 videos.
+    OPEN_PARTS = 8
 
     def __init__(self, path: Path, header: dict, index: StoreIndex):
         self.path = path

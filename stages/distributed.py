@@ -39,6 +39,7 @@ live attempt on the same machine; across machines, attempt names and ``merge`` k
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -272,33 +273,53 @@ def run_ray(dataset: str | Path, out: str | Path, cfg, opts, shard_size: int = 6
     refs = {task.remote(*args, replace(opts, shard=(i, n), progress=False), *extra): i for i in todo}
     bar = tqdm(total=n, initial=summary.skipped, unit="shard", disable=not progress, dynamic_ncols=True)
     try:
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            i = refs.pop(ready[0])
-            try:
-                res = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-                if isinstance(cause, UserError):  # the same mistake in every shard: stop, say it once
-                    raise UserError(f"shard {i}/{n}: {_first_line(cause)}") from None
-                summary.failed.append({"shard": f"{i}/{n}", "error": _first_line(cause)})
-            except ray.exceptions.RayError as e:  # retries used up: workers or nodes kept dying
-                summary.failed.append({"shard": f"{i}/{n}", "error": f"{type(e).__name__}: {_first_line(e)}"})
-            else:
-                committed = shard_manifest_path(out, shard_name(i, n)).is_file()
-                summary.done += committed
-                summary.incomplete += not committed
-                summary.videos_done += res["done"]
-                summary.videos_failed += res["failed"]
-                summary.frames += res["frames"]
-            bar.update(1)
-            bar.set_postfix(videos=summary.videos_done, failed=summary.videos_failed, shards_failed=len(summary.failed))
+        with ray_as_completed(ray, refs) as results:  # Ctrl-C or a user error: the shards still queued stop
+            for i, res, error in results:
+                if isinstance(error, ray.exceptions.RayTaskError):
+                    cause = error.as_instanceof_cause() if hasattr(error, "as_instanceof_cause") else error
+                    if isinstance(cause, UserError):  # the same mistake in every shard: stop, say it once
+                        raise UserError(f"shard {i}/{n}: {_first_line(cause)}") from None
+                    summary.failed.append({"shard": f"{i}/{n}", "error": _first_line(cause)})
+                elif error is not None:  # retries used up: workers or nodes kept dying
+                    summary.failed.append({"shard": f"{i}/{n}", "error": f"{type(error).__name__}: {_first_line(error)}"})
+                else:
+                    committed = shard_manifest_path(out, shard_name(i, n)).is_file()
+                    summary.done += committed
+                    summary.incomplete += not committed
+                    summary.videos_done += res["done"]
+                    summary.videos_failed += res["failed"]
+                    summary.frames += res["frames"]
+                bar.update(1)
+                bar.set_postfix(videos=summary.videos_done, failed=summary.videos_failed,
+                                shards_failed=len(summary.failed))
     finally:
-        for ref in refs:  # Ctrl-C or a user error: stop the shards still queued
-            ray.cancel(ref, force=True)
         bar.close()
     summary.wall = time.perf_counter() - t0
     return summary
+
+
+@contextlib.contextmanager
+def ray_as_completed(ray, refs: dict):
+    """Iterate ``(key, value, error)`` over Ray tasks ``refs`` ({object ref: key}) in completion order: ``value``
+    is the task's result, or ``error`` the ``RayError`` that ``ray.get`` raised. Leaving the block early (Ctrl-C,
+    an error) cancels the tasks not yet done, as a local pool's workers stop with their pool."""
+    pending = dict(refs)
+
+    def results():
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key = pending.pop(ready[0])
+            try:
+                value, error = ray.get(ready[0]), None
+            except ray.exceptions.RayError as e:
+                value, error = None, e
+            yield key, value, error
+
+    try:
+        yield results()
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def connect_ray(address: str | None = None):

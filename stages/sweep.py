@@ -373,25 +373,18 @@ def _run_ray(jobs: list, cache_gb: float, done: Callable[[int, dict], None], add
     and trained afresh, so a run is never trained twice into one directory and a dead node costs only its runs in
     flight.
     """
-    from stages.distributed import connect_ray
+    from stages.distributed import connect_ray, ray_as_completed
 
     ray = connect_ray(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(_ray_run_one)
-    pending = {task.remote(job, cache_gb): i for i, job in enumerate(jobs)}
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            try:
-                info = ray.get(ready[0])
-            except ray.exceptions.RayError as e:  # retries spent: the worker kept dying
+    refs = {task.remote(job, cache_gb): i for i, job in enumerate(jobs)}
+    with ray_as_completed(ray, refs) as results:  # Ctrl-C: the runs still queued or training stop with the sweep
+        for i, info, error in results:
+            if error is not None:  # retries spent: the worker kept dying
                 info = {"status": "failed", "seconds": 0.0,
-                        "error": f"the Ray task died {max_retries + 1} times: {str(e).splitlines()[0]}"}
+                        "error": f"the Ray task died {max_retries + 1} times: {str(error).splitlines()[0]}"}
             done(i, info)
-    finally:
-        for ref in pending:  # Ctrl-C: the runs still queued or training stop with the sweep, as local workers do
-            ray.cancel(ref, force=True)
 
 
 @dataclass

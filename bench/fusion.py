@@ -10,7 +10,7 @@ Accuracy on such data says which methods exploit two partly informative streams,
 the paper's numbers are printed alongside for reference only.
 
     PYTHONPATH=. .venv/bin/python bench/fusion.py --quick          # 1,500 / 600 videos, 20 classes, 2 x 256-d
-    PYTHONPATH=. .venv/bin/python bench/fusion.py                  # UCF-101 sizes (hours of SVM solves on a CPU)
+    PYTHONPATH=. .venv/bin/python bench/fusion.py                  # UCF-101 sizes (11-24 min per SVM method, 1 thread)
 
 The networks are trained by the real trainer (``pipeline.training.fit``) with a training recipe: ``--recipe
 converge`` (the default of `twostream train`: plain SGD at lr 0.7 with warm-up and cosine decay, a budget in

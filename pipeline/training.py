@@ -168,6 +168,12 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 SHARED_KEYS = ("frames",)
 
 
+# A key given by hand means what it says: the recipe's rule that would lengthen it is switched off, unless that rule's
+# key is given too. `--set epochs=5` runs 5 epochs (no step minimum); `--set patience_steps=50` waits 50 steps (no
+# share of the budget).
+GIVES_WAY = {"epochs": ("min_steps", 0), "patience_steps": ("patience_fraction", 0.0)}
+
+
 def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, **train_kw):
     """(head config, TrainConfig) for ``head`` with ``overrides`` (strings are parsed to the field's type).
 
@@ -197,10 +203,9 @@ def resolve_configs(head: str, overrides: dict[str, typing.Any] | None = None, *
     recipe = parsed.pop("recipe", "converge")
     train = recipe_values(entry.config_cls, recipe, entry.kind)
     train.update(train_kw)
-    if "epochs" in parsed and "min_steps" not in parsed:
-        train["min_steps"] = 0  # `--set epochs=N` asks for N epochs: the recipe's step minimum gives way
-    if "patience_steps" in parsed and "patience_fraction" not in parsed:
-        train["patience_fraction"] = 0.0  # `--set patience_steps=N` asks for N steps: the recipe's share gives way
+    for key, (rule, off) in GIVES_WAY.items():
+        if key in parsed and rule not in parsed:
+            train[rule] = off
     train.update(parsed)
     cfg = TrainConfig(**train)
     check = getattr(head_cfg, "check_train", None)
